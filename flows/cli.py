@@ -1,0 +1,199 @@
+"""`chatforge`: run the pipeline or one stage, and inspect the artifact store.
+
+Errors a user can fix (bad preset, unknown key, empty corpus, unwritable store...) print one line
+`chatforge: error: ...` and exit 1 (2 for bad command-line usage); the store is left as it was.
+Prefect and torch are imported only by the commands that need them, so `artifacts ls` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+STORE_HELP = "artifact store: a directory or fsspec URL (default: $CHATFORGE_HOME or ~/.cache/chatforge)"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (CPU, offline, minutes), d12, d20 (8×H100 speedrun), d26, d32 (default: tiny)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set tokenizer.vocab_size=8192 (repeatable; values are JSON or plain text)")
+    p.add_argument("--store", default=None, help=STORE_HELP)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="chatforge",
+        description="Train a small ChatGPT from scratch as a Prefect flow of cached, versioned artifacts.",
+        epilog="Without PREFECT_API_URL a temporary local Prefect server is started for the run; "
+        "set it to use a running one (e.g. `prefect server start`).",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline; finished stages come from the store")
+    _config_args(run)
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs only what it needs)")
+    run.add_argument("--force", metavar="STAGE", action="append", default=[], help="recompute this stage even if cached (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached, run nothing")
+
+    stage = sub.add_parser("stage", help="run one stage, its inputs resolved from the store (e.g. to rerun a failed stage)")
+    stage.add_argument("name", help="stage name (see `chatforge run --dry-run`)")
+    _config_args(stage)
+    stage.add_argument("--run", dest="run_id", help="reuse the config of this earlier run (its id from the ledger / Prefect)")
+    stage.add_argument("--force", action="store_true", help="recompute even if cached")
+
+    arts = sub.add_parser("artifacts", help="inspect and maintain the artifact store")
+    arts.add_argument("--store", default=None, help=STORE_HELP)
+    asub = arts.add_subparsers(dest="acmd", required=True)
+    asub.add_parser("ls", help="list committed artifacts with their keys and refs")
+    show = asub.add_parser("show", help="print an artifact's manifest")
+    show.add_argument("ref", help="a ref (tokenizer/latest), a key or a unique key prefix")
+    ver = asub.add_parser("verify", help="check sizes and sha256 of every file; corrupt artifacts are moved aside so they get recomputed")
+    ver.add_argument("refs", nargs="*", help="refs or keys (default: all)")
+    gc = asub.add_parser("gc", help="delete temporary data, trash and artifacts no ref reaches")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("--keep-unreferenced", action="store_true", help="delete temporary data only")
+    q = asub.add_parser("query", help="run SQL on the DuckDB catalog (tables: artifacts, stage_runs, runs)")
+    q.add_argument("sql")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts}[args.cmd](args)
+    except KeyboardInterrupt:
+        print("chatforge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing errors become one line; anything else keeps its traceback
+        if _is_user_error(e):
+            print(f"chatforge: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from artifacts.errors import StoreError
+    from flows.overrides import ConfigError
+    from model.errors import InputError
+
+    return isinstance(e, (StoreError, ConfigError, InputError, KeyError)) and "\n" not in str(e)
+
+
+def _config(args):
+    from flows.overrides import build_config
+
+    return build_config(args.preset, args.sets)
+
+
+def _check_stage(name: str) -> None:
+    from tasks.registry import get
+
+    get(name)  # raises a one-line KeyError naming the stages
+
+
+def cmd_run(args) -> int:
+    from artifacts.store import Store
+
+    cfg = _config(args)
+    for name in ([args.until] if args.until else []) + args.force:
+        _check_stage(name)
+    store = Store(args.store)
+    if args.dry_run:
+        return _dry_run(cfg, store, args.until)
+    store.ensure_writable()
+    from flows.pipeline import pipeline
+
+    t0 = time.perf_counter()
+    keys = pipeline(config=cfg, until=args.until, force=args.force, store=store.url)
+    for stage, key in keys.items():
+        print(f"{stage:<10} {key}")
+    print(f"done in {time.perf_counter() - t0:.1f} s; artifacts in {store.url}")
+    return 0
+
+
+def _dry_run(cfg, store, until) -> int:
+    from tasks.registry import STAGES
+    from tasks.runner import lookup
+    from tasks.stage import plan, upstream
+
+    keys = plan(STAGES, cfg)
+    for st in upstream(STAGES, until) if until else STAGES:
+        state = "cached" if lookup(store, keys[st.name], log=lambda m: None) else "to compute"
+        print(f"{st.name:<10} {keys[st.name]}  {state}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from artifacts import ledger
+    from artifacts.store import Store
+    from model.config import PipelineConfig
+
+    _check_stage(args.name)
+    store = Store(args.store)
+    if args.run_id:
+        try:
+            cfg = PipelineConfig.model_validate(ledger.read_run(store, args.run_id)["config"])
+        except FileNotFoundError:
+            raise KeyError(f"no run {args.run_id!r} in {store.url}: see `chatforge artifacts query 'select * from runs'`") from None
+    else:
+        cfg = _config(args)
+    store.ensure_writable()
+    from flows.pipeline import stage_flow
+
+    key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)
+    print(f"{args.name:<10} {key}")
+    return 0
+
+
+def cmd_artifacts(args) -> int:
+    from artifacts.store import Store
+
+    store = Store(args.store)
+    if args.acmd == "ls":
+        refs: dict[str, list[str]] = {}
+        for ref, key in store.refs().items():
+            refs.setdefault(key, []).append(ref)
+        rows = store.list()
+        if not rows:
+            print(f"no artifacts in {store.url}")
+        for m in rows:
+            size = m.total_bytes() / 1e6
+            print(f"{m.key[:12]}  {m.stage:<10} {m.kind:<10} {m.created[:19]}  {size:9.2f} MB  {', '.join(refs.get(m.key, []))}")
+        return 0
+    if args.acmd == "show":
+        print(json.dumps(store.get(store.resolve(args.ref)).to_dict(), indent=1))
+        return 0
+    if args.acmd == "verify":
+        keys = [store.resolve(r) for r in args.refs] if args.refs else store.keys()
+        bad = 0
+        for key in keys:
+            problems = store.verify(key)
+            if problems:
+                bad += 1
+                store.quarantine(key)
+                print(f"CORRUPT {key}: {'; '.join(problems)} (moved to trash; the next run recomputes it)")
+            else:
+                print(f"ok      {key}")
+        print(f"{len(keys) - bad} ok, {bad} corrupt")
+        return 1 if bad else 0
+    if args.acmd == "gc":
+        doomed = store.gc(dry_run=args.dry_run, unreferenced=not args.keep_unreferenced)
+        for path in doomed:
+            print(("would delete " if args.dry_run else "deleted ") + path)
+        print(f"{len(doomed)} entries {'to delete' if args.dry_run else 'deleted'}")
+        return 0
+    if args.acmd == "query":
+        from artifacts.catalog import connect
+
+        print(connect(store).sql(args.sql))
+        return 0
+    raise AssertionError(args.acmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The one mechanism every stage runs through: key → cache hit, or lock, compute, commit, ledger.
+
+The store is the only cache. A stage whose key has a committed, intact artifact is a hit (cost 0);
+a corrupt one is quarantined and recomputed; concurrent identical runs serialize on the key's lock,
+and the second finds the first one's artifact. Compute writes into a staging directory that only
+becomes visible through an atomic commit, so a crash or a bad input never leaves a trusted half.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+from artifacts import ledger
+from artifacts.errors import ArtifactCorrupt
+from artifacts.keys import code_fingerprint
+from artifacts.manifest import Manifest
+from artifacts.store import Store
+from model.config import PipelineConfig
+
+from .stage import StageContext, StageDef
+
+
+@dataclass
+class Outcome:
+    manifest: Manifest
+    cache_hit: bool
+    wall_seconds: float
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("chatforge")
+    except PackageNotFoundError:
+        v = "dev"
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{v}+{rev}" if rev else v
+
+
+def lookup(store: Store, key: str, log=print) -> Manifest | None:
+    """The intact artifact under `key`, or None; a corrupt one is taken out of service."""
+    try:
+        return store.manifest(key)
+    except ArtifactCorrupt as e:
+        log(f"{e}; moving it to trash and recomputing")
+        store.quarantine(key)
+        return None
+
+
+def execute(
+    st: StageDef,
+    cfg: PipelineConfig,
+    store: Store,
+    keys: dict[str, str],
+    run_id: str,
+    force: bool = False,
+    log=print,
+) -> Outcome:
+    key = keys[st.name]
+    start, t0 = _now(), time.perf_counter()
+    device = {"type": "cpu", "count": 1, "nodes": 1}
+
+    def row(cache_hit: bool, metrics: dict, status: str = "completed", error: str = "") -> None:
+        ledger.append(store, ledger.LedgerRow(
+            run_id=run_id, stage=st.name, key=key, cache_hit=cache_hit, start=start, end=_now(),
+            wall_seconds=round(time.perf_counter() - t0, 3), device_type=device["type"],
+            devices=device["count"], nodes=device["nodes"],
+            price_per_device_hour=cfg.cost.prices.get(device["type"], 0.0),
+            status=status, preset=cfg.preset, error=error, metrics=metrics,
+        ))
+
+    def hit(m: Manifest) -> Outcome:
+        log(f"{st.name}: cached {key[:12]}")
+        _refs(store, st, cfg, key)
+        row(True, m.metrics)
+        return Outcome(m, True, time.perf_counter() - t0)
+
+    m = lookup(store, key, log)
+    if m is not None and not force:
+        return hit(m)
+    with store.lock(key, on_wait=lambda: log(f"{st.name}: another process is computing {key[:12]}; waiting")):
+        waited = m is None
+        m = lookup(store, key, log)
+        if m is not None and (not force or waited):
+            return hit(m)  # someone else made it while we waited for the lock
+        inputs = {name: store.local_path(keys[name]) for name in st.inputs}
+        with store.staging(key) as tmp:
+            ctx = StageContext(
+                inputs=inputs, out_dir=tmp, download_dir=store.local_root / "downloads",
+                wip_dir=store.wip_dir(key), log=log, device=device,
+            )
+            log(f"{st.name}: computing {key[:12]}")
+            try:
+                metrics = st.compute(st.config(cfg), ctx)
+                json.dumps(metrics)  # metrics must be plain JSON before anything is committed
+            except BaseException as e:
+                row(False, {}, status="failed", error=f"{type(e).__name__}: {e}"[:500])
+                raise
+            device.update(ctx.device)
+            m = store.commit(tmp, Manifest(
+                key=key, kind=st.kind, stage=st.name, config=st.config(cfg).key_dict(),
+                parents={name: keys[name] for name in st.inputs},
+                code={"fingerprint": code_fingerprint(st.code), "version": code_version()},
+                metrics=metrics, wall_seconds=round(time.perf_counter() - t0, 3),
+            ))
+    _refs(store, st, cfg, key)
+    row(False, metrics)
+    return Outcome(m, False, time.perf_counter() - t0)
+
+
+def _refs(store: Store, st: StageDef, cfg: PipelineConfig, key: str) -> None:
+    store.set_ref(f"{st.name}/latest", key)
+    store.set_ref(f"{st.name}/{cfg.preset}", key)

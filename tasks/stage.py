@@ -1,0 +1,59 @@
+"""What a stage is, to the orchestrator, and how the DAG's keys are planned before anything runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from artifacts.keys import artifact_key, code_fingerprint
+from model.config import PipelineConfig, Section
+
+
+@dataclass
+class StageContext:
+    """What a stage's compute function gets besides its config."""
+
+    inputs: dict[str, Path]  # input stage name -> local artifact directory
+    out_dir: Path  # empty staging directory to write the artifact into
+    download_dir: Path  # shared download cache (not part of any artifact)
+    wip_dir: Path  # resumable work in progress for this key
+    log: Callable[[str], None] = print
+    device: dict = field(default_factory=lambda: {"type": "cpu", "count": 1, "nodes": 1})
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    kind: str  # the artifact kind it produces
+    section: str  # attribute of PipelineConfig holding its config
+    inputs: tuple[str, ...]  # upstream stage names
+    code: tuple[str, ...]  # modules whose source is fingerprinted into the key
+    compute: Callable[[Section, StageContext], dict]  # fills ctx.out_dir, returns metrics
+    describe: str = ""
+    reports: tuple[str, ...] = ()  # markdown files in the artifact shown as Prefect artifacts
+
+    def config(self, cfg: PipelineConfig) -> Section:
+        return getattr(cfg, self.section)
+
+    def key(self, cfg: PipelineConfig, input_keys: dict[str, str]) -> str:
+        return artifact_key(self.name, self.config(cfg).key_dict(), input_keys, code_fingerprint(self.code))
+
+
+def plan(stages: list[StageDef], cfg: PipelineConfig) -> dict[str, str]:
+    """Keys of every stage, in order, from the config alone (no store access)."""
+    keys: dict[str, str] = {}
+    for st in stages:
+        keys[st.name] = st.key(cfg, {i: keys[i] for i in st.inputs})
+    return keys
+
+
+def upstream(stages: list[StageDef], target: str) -> list[StageDef]:
+    """`target` and everything it depends on, in DAG order."""
+    by_name = {s.name: s for s in stages}
+    need, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo += list(by_name[name].inputs)
+    return [s for s in stages if s.name in need]
