@@ -14,6 +14,9 @@ import time
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A first run creates the temporary server's database, which takes longer than Prefect's 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+LOCAL_SERVER = "http://127.0.0.1:4200/api"
 
 STORE_HELP = "artifact store: a directory or fsspec URL (default: $CHATFORGE_HOME or ~/.cache/chatforge)"
 
@@ -47,17 +50,18 @@ def parser() -> argparse.ArgumentParser:
     stage.add_argument("--force", action="store_true", help="recompute even if cached")
 
     arts = sub.add_parser("artifacts", help="inspect and maintain the artifact store")
-    arts.add_argument("--store", default=None, help=STORE_HELP)
     asub = arts.add_subparsers(dest="acmd", required=True)
-    asub.add_parser("ls", help="list committed artifacts with their keys and refs")
-    show = asub.add_parser("show", help="print an artifact's manifest")
+    store_opt = argparse.ArgumentParser(add_help=False)
+    store_opt.add_argument("--store", default=None, help=STORE_HELP)
+    asub.add_parser("ls", parents=[store_opt], help="list committed artifacts with their keys and refs")
+    show = asub.add_parser("show", parents=[store_opt], help="print an artifact's manifest")
     show.add_argument("ref", help="a ref (tokenizer/latest), a key or a unique key prefix")
-    ver = asub.add_parser("verify", help="check sizes and sha256 of every file; corrupt artifacts are moved aside so they get recomputed")
+    ver = asub.add_parser("verify", parents=[store_opt], help="check sizes and sha256 of every file; corrupt artifacts are moved aside so they get recomputed")
     ver.add_argument("refs", nargs="*", help="refs or keys (default: all)")
-    gc = asub.add_parser("gc", help="delete temporary data, trash and artifacts no ref reaches")
+    gc = asub.add_parser("gc", parents=[store_opt], help="delete temporary data, trash and artifacts no ref reaches")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument("--keep-unreferenced", action="store_true", help="delete temporary data only")
-    q = asub.add_parser("query", help="run SQL on the DuckDB catalog (tables: artifacts, stage_runs, runs)")
+    q = asub.add_parser("query", parents=[store_opt], help="run SQL on the DuckDB catalog (tables: artifacts, stage_runs, runs)")
     q.add_argument("sql")
     return ap
 
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chatforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # noqa: BLE001 - user-facing errors become one line; anything else keeps its traceback
         if _is_user_error(e):
             print(f"chatforge: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
@@ -82,6 +89,21 @@ def _is_user_error(e: Exception) -> bool:
     from model.errors import InputError
 
     return isinstance(e, (StoreError, ConfigError, InputError, KeyError)) and "\n" not in str(e)
+
+
+def _prefect_api() -> None:
+    """Use PREFECT_API_URL when set (even empty: then a temporary server); else a server on 127.0.0.1:4200 if one answers."""
+    if "PREFECT_API_URL" in os.environ:
+        return
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 4200), timeout=0.2).close()
+    except OSError:
+        print("chatforge: no Prefect server at 127.0.0.1:4200; starting a temporary one for this run", file=sys.stderr)
+        return
+    os.environ["PREFECT_API_URL"] = LOCAL_SERVER
+    print(f"chatforge: using the Prefect server at {LOCAL_SERVER}", file=sys.stderr)
 
 
 def _config(args):
@@ -106,6 +128,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(cfg, store, args.until)
     store.ensure_writable()
+    _prefect_api()
     from flows.pipeline import pipeline
 
     t0 = time.perf_counter()
@@ -143,6 +166,7 @@ def cmd_stage(args) -> int:
     else:
         cfg = _config(args)
     store.ensure_writable()
+    _prefect_api()
     from flows.pipeline import stage_flow
 
     key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)

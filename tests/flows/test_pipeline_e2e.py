@@ -1,0 +1,275 @@
+"""The pipeline through the real CLI against a real Prefect server: caching, crash safety, corruption,
+concurrency and bad input. Each scenario starts from its own store (a copy of a reference run)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from artifacts import catalog
+from artifacts.store import Store
+
+pytestmark = pytest.mark.slow
+
+SYLLABLES = "ka to ri me su na lo vi de pa ru sho ten mi ga bel or an is ex ul".split()
+
+
+def write_corpus(path: Path, docs: int, seed: int = 0) -> Path:
+    """Deterministic pseudo-English jsonl: enough variety for BPE, and large enough to kill mid-stage."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    with open(path, "w") as f:
+        for i in range(docs):
+            sents = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + rng.choice(".!?")
+                     for _ in range(rng.randint(3, 12))]
+            f.write(json.dumps({"text": f"Doc {i}: " + " ".join(sents) + f" In {1700 + i % 300}, {rng.randint(0, 99999)}."}) + "\n")
+    return path
+
+
+def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
+    return [
+        "--set", json.dumps([{"kind": "local", "paths": [str(corpus)]}], separators=(",", ":")).join(["data.sources=", ""]),
+        "--set", "data.docs_per_shard=2048",
+        "--set", f"tokenizer.vocab_size={vocab}",
+        "--set", "tokenizer.max_chars=3000000",
+        "--set", "tokenizer.report_max_chars=200000",
+        "--set", "tokenizer.reference_encodings=[]",
+    ]
+
+
+def cli_env(api_url: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    return {**env, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1"}
+
+
+def cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run(store: Path, corpus: Path, env: dict, *extra: str, vocab: int = 1024) -> subprocess.CompletedProcess:
+    return cli(["run", "--store", str(store), *sets_for(corpus, vocab), *extra], env)
+
+
+def ledger(store: Path, where: str = "true") -> list[tuple]:
+    con = catalog.connect(Store(str(store)))
+    return con.execute(f"select stage, cache_hit, status from stage_runs where {where} order by start, stage").fetchall()
+
+
+def snapshot(store: Path) -> dict[str, bytes]:
+    """Every committed artifact file and ref, by path: what 'the store is untouched' means."""
+    out = {}
+    for sub in ("artifacts", "refs"):
+        for p in sorted((store / sub).rglob("*")) if (store / sub).exists() else []:
+            if p.is_file() and not (sub == "refs"):
+                out[str(p.relative_to(store))] = p.read_bytes()
+            elif p.is_file():
+                out[str(p.relative_to(store))] = json.loads(p.read_text())["key"].encode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(prefect_server):
+    return cli_env(prefect_server)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", docs=12000)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, env):
+    """One uninterrupted run: the keys and bytes every other scenario must reproduce."""
+    store = tmp_path_factory.mktemp("ref") / "store"
+    r = run(store, corpus, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = dict(line.split() for line in r.stdout.splitlines() if line.startswith(("data ", "tokenizer ")))
+    return store, keys
+
+
+def fresh(reference, tmp_path) -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(reference[0], store)
+    return store
+
+
+def test_run_lists_then_is_all_cached_and_vocab_change_recomputes_only_tokenizer(reference, corpus, env, tmp_path):
+    store = fresh(reference, tmp_path)
+    keys = reference[1]
+    ls = cli(["artifacts", "ls", "--store", str(store)], env)
+    assert ls.returncode == 0
+    for stage, key in keys.items():
+        assert key[:12] in ls.stdout and f"{stage}/latest" in ls.stdout
+
+    again = run(store, corpus, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("Finished in state Cached(") == 2
+    assert ledger(store)[-2:] == [("data", True, "completed"), ("tokenizer", True, "completed")]
+
+    bigger = run(store, corpus, env, vocab=1100)
+    assert bigger.returncode == 0, bigger.stderr[-3000:]
+    assert ledger(store)[-2:] == [("data", True, "completed"), ("tokenizer", False, "completed")]
+    new_keys = dict(line.split() for line in bigger.stdout.splitlines() if line.startswith(("data ", "tokenizer ")))
+    assert new_keys["data"] == keys["data"] and new_keys["tokenizer"] != keys["tokenizer"]
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        assert proc.poll() is None, "the run finished before the test could kill it"
+        time.sleep(0.02)
+    raise AssertionError("never reached the point to kill at")
+
+
+@pytest.mark.parametrize("stage", ["data", "tokenizer"])
+def test_kill_9_mid_stage_then_rerun_is_identical(stage, reference, corpus, env, tmp_path):
+    ref_store, keys = reference
+    store = tmp_path / "store"
+    if stage == "tokenizer":  # start from a store that already has the dataset
+        shutil.copytree(ref_store, store)
+        shutil.rmtree(store / "artifacts" / keys["tokenizer"])
+        (store / "refs" / "tokenizer").exists() and shutil.rmtree(store / "refs" / "tokenizer")
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--store", str(store), *sets_for(corpus)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    if stage == "data":  # a shard is on disk in staging: the stage is half done
+        _kill_when(proc, lambda: any((store / "tmp").glob(f"{keys['data']}.*/train_00000.parquet")))
+    else:
+        _kill_when(proc, lambda: f"tokenizer: computing {keys['tokenizer'][:12]}" in Path(log.name).read_text())
+    assert not (store / "artifacts" / keys[stage] / "manifest.json").exists()
+    assert keys[stage] not in Store(str(store)).keys()  # never listed
+
+    r = run(store, corpus, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for st in ("data", "tokenizer"):
+        ours, theirs = store / "artifacts" / keys[st], ref_store / "artifacts" / keys[st]
+        files = sorted(p.name for p in theirs.iterdir() if p.name != "manifest.json")
+        assert files == sorted(p.name for p in ours.iterdir() if p.name != "manifest.json")
+        for name in files:
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), f"{st}/{name} differs after resume"
+
+
+def test_flipped_byte_is_named_by_verify_and_recomputed(reference, corpus, env, tmp_path):
+    store = fresh(reference, tmp_path)
+    tok = store / "artifacts" / reference[1]["tokenizer"] / "tokenizer.json"
+    raw = bytearray(tok.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    tok.write_bytes(bytes(raw))
+    v = cli(["artifacts", "verify", "--store", str(store)], env)
+    assert v.returncode == 1
+    assert f"CORRUPT {reference[1]['tokenizer']}: tokenizer.json: sha256 mismatch" in v.stdout
+    assert "1 ok, 1 corrupt" in v.stdout
+    r = run(store, corpus, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ledger(store)[-2:] == [("data", True, "completed"), ("tokenizer", False, "completed")]
+    assert tok.read_bytes() == (reference[0] / "artifacts" / reference[1]["tokenizer"] / "tokenizer.json").read_bytes()
+
+
+def test_two_identical_runs_together_compute_each_stage_once(corpus, env, tmp_path):
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--store", str(store), *sets_for(corpus)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    rows = ledger(store)
+    for stage in ("data", "tokenizer"):
+        assert sorted(hit for s, hit, _ in rows if s == stage) == [False, True], rows
+
+
+def test_duckdb_query_returns_the_runs_ledger_rows(reference, env):
+    store, keys = reference
+    con = catalog.connect(Store(str(store)))
+    run_id = con.execute("select run_id from runs").fetchone()[0]
+    rows = con.execute("select stage, key, cache_hit, device_type, cost_usd from stage_runs where run_id = ? order by start", [run_id]).fetchall()
+    assert rows == [("data", keys["data"], False, "cpu", 0.0), ("tokenizer", keys["tokenizer"], False, "cpu", 0.0)]
+    q = cli(["artifacts", "query", "--store", str(store), f"select count(*) as n from stage_runs where run_id = '{run_id}'"], env)
+    assert q.returncode == 0 and "2" in q.stdout
+
+
+def _bad_corpus(kind: str, tmp_path: Path) -> str:
+    if kind == "empty":
+        (tmp_path / "empty.jsonl").write_text("")
+        return str(tmp_path / "empty.jsonl")
+    if kind == "non-utf8":
+        (tmp_path / "bad.txt").write_bytes(b"good start \xff\xfe then garbage")
+        return str(tmp_path / "bad.txt")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i} " * 20 for i in range(5000)]}), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "produced no documents"),
+    ("non-utf8", "not valid UTF-8"),
+    ("truncated", "truncated or corrupt parquet"),
+])
+def test_bad_data_is_one_line_and_store_untouched(kind, message, reference, env, tmp_path):
+    store = fresh(reference, tmp_path)
+    before = snapshot(store)
+    src = json.dumps([{"kind": "local", "paths": [_bad_corpus(kind, tmp_path)]}], separators=(",", ":"))
+    r = cli(["run", "--store", str(store), "--set", f"data.sources={src}"], env)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("chatforge: error: ") and message in last, r.stderr[-2000:]
+    assert snapshot(store) == before
+    assert not list((store / "tmp").glob("*/*"))  # no staging left behind
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--preset", "nope"], "unknown preset 'nope'"),
+    (["run", "--set", "tokenizer.vocab=5"], "unknown --set key 'tokenizer.vocab'"),
+    (["run", "--set", "tokenizer.vocab_size=lots"], "bad value for tokenizer.vocab_size"),
+    (["run", "--until", "sft"], "unknown stage 'sft'"),
+    (["stage", "nonsense"], "unknown stage 'nonsense'"),
+    (["run", "--store", "ftpx://host/store"], "unknown store scheme 'ftpx'"),
+])
+def test_bad_cli_input_is_one_line(args, message, reference, env, tmp_path):
+    store = fresh(reference, tmp_path)
+    before = snapshot(store)
+    if "--store" not in args:
+        args = [*args, "--store", str(store)]
+    r = cli(args, env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"chatforge: error: {r.stderr.strip()[len('chatforge: error: '):]}"]
+    assert message in r.stderr
+    assert snapshot(store) == before
+
+
+def test_unwritable_store_is_one_line(env, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    r = cli(["run", "--store", str(blocker / "store")], env)
+    assert r.returncode == 1 and "is not writable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert blocker.read_text() == "keep me"
+
+
+def test_single_stage_rerun_resolves_inputs_from_store(reference, corpus, env, tmp_path):
+    store = fresh(reference, tmp_path)
+    shutil.rmtree(store / "artifacts" / reference[1]["tokenizer"])  # as if tokenizer had failed
+    run_id = duckdb.connect().execute(
+        f"select run_id from read_json('{store}/runs/*.json')").fetchone()[0]
+    r = cli(["stage", "tokenizer", "--run", run_id, "--store", str(store)], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["tokenizer", reference[1]["tokenizer"]]
+    missing = tmp_path / "empty-store"
+    r = cli(["stage", "tokenizer", "--store", str(missing), *sets_for(corpus)], env)
+    assert r.returncode == 1 and "is not in" in r.stderr.strip().splitlines()[-1]
