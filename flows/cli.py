@@ -49,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     stage.add_argument("--run", dest="run_id", help="reuse the config of this earlier run (its id from the ledger / Prefect)")
     stage.add_argument("--force", action="store_true", help="recompute even if cached")
 
+    srv = sub.add_parser("server", help="start a local Prefect server (UI) and serve the pipeline and single-stage deployments")
+    _config_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=4200, help="Prefect server port (default: 4200)")
+
     arts = sub.add_parser("artifacts", help="inspect and maintain the artifact store")
     asub = arts.add_subparsers(dest="acmd", required=True)
     store_opt = argparse.ArgumentParser(add_help=False)
@@ -69,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts}[args.cmd](args)
+        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "server": cmd_server}[args.cmd](args)
     except KeyboardInterrupt:
         print("chatforge: interrupted", file=sys.stderr)
         return 130
@@ -172,6 +177,14 @@ def cmd_stage(args) -> int:
     key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)
     print(f"{args.name:<10} {key}")
     return 0
+
+
+def cmd_server(args) -> int:
+    from flows.overrides import build_config
+    from flows.server import main as serve_main
+
+    build_config(args.preset, args.sets)  # a bad preset or --set fails here, before anything starts
+    return serve_main(args.host, args.port, args.preset, args.sets, args.store)
 
 
 def cmd_artifacts(args) -> int:
