@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -17,34 +16,9 @@ import pytest
 
 from artifacts import catalog
 from artifacts.store import Store
+from helpers import sets_for, write_corpus
 
 pytestmark = pytest.mark.slow
-
-SYLLABLES = "ka to ri me su na lo vi de pa ru sho ten mi ga bel or an is ex ul".split()
-
-
-def write_corpus(path: Path, docs: int, seed: int = 0) -> Path:
-    """Deterministic pseudo-English jsonl: enough variety for BPE, and large enough to kill mid-stage."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
-    with open(path, "w") as f:
-        for i in range(docs):
-            sents = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + rng.choice(".!?")
-                     for _ in range(rng.randint(3, 12))]
-            f.write(json.dumps({"text": f"Doc {i}: " + " ".join(sents) + f" In {1700 + i % 300}, {rng.randint(0, 99999)}."}) + "\n")
-    return path
-
-
-def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
-    return [
-        "--set", json.dumps([{"kind": "local", "paths": [str(corpus)]}], separators=(",", ":")).join(["data.sources=", ""]),
-        "--set", "data.docs_per_shard=2048",
-        "--set", f"tokenizer.vocab_size={vocab}",
-        "--set", "tokenizer.max_chars=3000000",
-        "--set", "tokenizer.report_max_chars=200000",
-        "--set", "tokenizer.reference_encodings=[]",
-    ]
-
 
 def cli_env(api_url: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}

@@ -1,0 +1,41 @@
+"""Helpers shared by tests: a deterministic corpus, the --set lines for a small run, a free port."""
+from __future__ import annotations
+
+import json
+import random
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SYLLABLES = "ka to ri me su na lo vi de pa ru sho ten mi ga bel or an is ex ul".split()
+
+
+def write_corpus(path: Path, docs: int, seed: int = 0) -> Path:
+    """Deterministic pseudo-English jsonl: enough variety for BPE, and large enough to kill mid-stage."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    with open(path, "w") as f:
+        for i in range(docs):
+            sents = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + rng.choice(".!?")
+                     for _ in range(rng.randint(3, 12))]
+            f.write(json.dumps({"text": f"Doc {i}: " + " ".join(sents) + f" In {1700 + i % 300}, {rng.randint(0, 99999)}."}) + "\n")
+    return path
+
+
+def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
+    return [
+        "--set", json.dumps([{"kind": "local", "paths": [str(corpus)]}], separators=(",", ":")).join(["data.sources=", ""]),
+        "--set", "data.docs_per_shard=2048",
+        "--set", f"tokenizer.vocab_size={vocab}",
+        "--set", "tokenizer.max_chars=3000000",
+        "--set", "tokenizer.report_max_chars=200000",
+        "--set", "tokenizer.reference_encodings=[]",
+    ]
+
+

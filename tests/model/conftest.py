@@ -1,2 +1,0 @@
-def pytest_configure(config):
-    config.addinivalue_line("markers", "network: needs PyPI through pip; skipped where pip cannot download")
