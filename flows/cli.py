@@ -83,9 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as e:  # noqa: BLE001 - user-facing errors become one line; anything else keeps its traceback
         if _is_user_error(e):
+            _drain_prefect()
             print(f"chatforge: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
             return 1
         raise
+
+
+def _drain_prefect() -> None:
+    """Let Prefect flush its event/log queues now, so its exit-time chatter does not follow our error line."""
+    if "prefect" not in sys.modules:
+        return
+    try:
+        from prefect._internal.concurrency.services import QueueService
+
+        QueueService.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - best effort; an internal API may move
+        pass
 
 
 def _is_user_error(e: Exception) -> bool:

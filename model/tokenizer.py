@@ -142,7 +142,7 @@ def train(cfg: TokenizerConfig, dataset_dir: Path, out_dir: Path, download_dir: 
     save_file({"token_bytes": token_byte_lengths(hf)}, str(out_dir / TOKEN_BYTES_FILE))
     markdown, compression = report(Tokenizer(hf), cfg, dataset_dir, download_dir)
     (out_dir / COMPRESSION_FILE).write_text(markdown, encoding="utf-8")
-    print(markdown, flush=True)
+    print(markdown, file=sys.stderr, flush=True)
 
     return {
         "vocab_size": got,

@@ -240,7 +240,7 @@ def test_single_stage_rerun_resolves_inputs_from_store(reference, corpus, env, t
     store = fresh(reference, tmp_path)
     shutil.rmtree(store / "artifacts" / reference[1]["tokenizer"])  # as if tokenizer had failed
     run_id = duckdb.connect().execute(
-        f"select run_id from read_json('{store}/runs/*.json')").fetchone()[0]
+        f"select CAST(run_id AS VARCHAR) from read_json('{store}/runs/*.json')").fetchone()[0]
     r = cli(["stage", "tokenizer", "--run", run_id, "--store", str(store)], env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["tokenizer", reference[1]["tokenizer"]]
