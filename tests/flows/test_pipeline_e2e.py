@@ -247,3 +247,13 @@ def test_single_stage_rerun_resolves_inputs_from_store(reference, corpus, env, t
     missing = tmp_path / "empty-store"
     r = cli(["stage", "tokenizer", "--store", str(missing), *sets_for(corpus)], env)
     assert r.returncode == 1 and "is not in" in r.stderr.strip().splitlines()[-1]
+
+
+def test_runs_without_any_prefect_server(reference, corpus, tmp_path):
+    """No PREFECT_API_URL and no server: the CLI starts a temporary one and the cache still answers."""
+    store = fresh(reference, tmp_path)
+    env = {**cli_env(""), "PREFECT_HOME": str(tmp_path / "prefect")}
+    r = run(store, corpus, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Starting temporary server" in r.stderr
+    assert r.stderr.count("Finished in state Cached(") == 2
