@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from model.config import DataConfig, HubSource, PipelineConfig, TokenizerConfig
+from model.config import BaseConfig, DataConfig, HubSource, PipelineConfig, TokenizerConfig
 
 # FineWeb-edu as nanochat ships it: ~250M characters per shard, ~4.8 characters per token of its
 # 65,536-token BPE. Used to download just enough shards for the token budget.
@@ -33,7 +33,7 @@ def base(depth: int = 20) -> PipelineConfig:
     tok = TokenizerConfig()
     return PipelineConfig(
         preset=f"d{depth}",
-        depth=depth,
+        base=BaseConfig(depth=depth),
         data=DataConfig(sources=[HubSource(num_train_shards=shards_for(depth, tok.vocab_size))]),
         tokenizer=tok,
     )

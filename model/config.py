@@ -131,6 +131,50 @@ class TokenizerConfig(Section):
     threads: int | None = NotInKey(None, "Threads for tokenizer training (default: all cores).")
 
 
+# ---------------------------------------------------------------- base pretraining
+
+class BaseConfig(Section):
+    """`base` stage: pretrain the GPT (nanochat's recipe; depth is the dial)."""
+
+    depth: int = Field(20, ge=1, description="Transformer layers; width = depth × aspect_ratio, heads = width / head_dim.")
+    aspect_ratio: int = Field(64, ge=1, description="Model width per layer of depth (nanochat: 64).")
+    head_dim: int = Field(128, ge=8, description="Attention head size; n_head = ceil(width / head_dim).")
+    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (GQA/MQA); default: as many as query heads.")
+    max_seq_len: int = Field(2048, ge=8, description="Tokens per training sequence (and the model's context length).")
+    # horizon: iterations > FLOPs > ratio
+    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; overrides target_flops and the ratio.")
+    target_flops: float | None = Field(None, gt=0, description="Total training FLOPs; overrides the ratio.")
+    target_param_data_ratio: float = Field(20.0, gt=0, description="Training tokens per parameter (Chinchilla: 20).")
+    # batch
+    total_batch_size: int = Field(524_288, ge=1, description="Tokens per optimizer step across all processes.")
+    device_batch_size: int = NotInKey(32, "Sequences per forward pass per process; gradient accumulation makes up the rest. Memory/speed only.")
+    # optimizers
+    matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate for the 2-D matrices inside blocks.")
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW LR of the token embedding (× (width/768)^-0.5).")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW LR of the output head (× (width/768)^-0.5).")
+    adam_betas: tuple[float, float] = Field((0.8, 0.95), description="AdamW betas.")
+    adam_eps: float = Field(1e-10, gt=0, description="AdamW epsilon.")
+    muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon momentum at step 0.")
+    muon_momentum_end: float = Field(0.95, ge=0, lt=1, description="Muon momentum after the warmup.")
+    muon_momentum_warmup: int = Field(300, ge=0, description="Steps over which Muon momentum rises linearly.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps of linear LR warmup.")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="Fraction of steps at the end over which LR decays linearly.")
+    final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR at the very end, as a fraction of the peak.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    seed: int = Field(42, description="Seed for initialization and sampling.")
+    # evaluation and checkpoints during training
+    eval_every: int = Field(250, ge=1, description="Steps between val bits-per-byte evaluations (and at the last step).")
+    eval_tokens: int = Field(20 * 524_288, ge=1, description="Val tokens per bits-per-byte evaluation.")
+    sample_every: int = Field(2000, ge=1, description="Steps between samples from the fixed prompts (and at the last step).")
+    sample_tokens: int = Field(32, ge=1, description="Tokens generated per sample prompt.")
+    checkpoint_every: int = NotInKey(500, "Steps between resumable checkpoints (also written on SIGTERM).")
+    # execution
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1). Results equal one process on the same global batch, up to float rounding.")
+    device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "Where to train: auto = CUDA if available.")
+    compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
+    loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.")
+
+
 # ---------------------------------------------------------------- the whole tree
 
 class CostConfig(Section):
@@ -146,7 +190,7 @@ class PipelineConfig(Section):
     """Everything a run needs. Presets (`chatforge run --preset NAME`) fill it in; `--set a.b=v` adjusts it."""
 
     preset: str = NotInKey("custom", "Name of the preset this config was derived from (informational).")
-    depth: int = Field(20, ge=1, description="Model depth: the one dial from which width, heads and token budget derive.")
     data: DataConfig = Field(..., description="`data` stage.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="`tokenizer` stage.")
+    base: BaseConfig = Field(default_factory=BaseConfig, description="`base` stage: pretraining.")
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the ledger.")

@@ -8,7 +8,7 @@ def test_presets_derive_from_depth():
     assert approx_params(20, 65536) == 560_988_160  # nanochat d20
     assert approx_params(32, 65536) == 1_879_048_192
     d12, d20 = PRESETS["d12"](), PRESETS["d20"]()
-    assert (d12.depth, d20.depth) == (12, 20)
+    assert (d12.base.depth, d20.base.depth) == (12, 20)
     assert d12.data.sources[0].num_train_shards < d20.data.sources[0].num_train_shards == shards_for(20, 65536)
     assert d20.tokenizer.vocab_size == 65536
 
