@@ -29,6 +29,7 @@ def write_corpus(path: Path, docs: int, seed: int = 0) -> Path:
 
 
 def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
+    """`--set` arguments for a small, fast config of every stage."""
     return [
         "--set", json.dumps([{"kind": "local", "paths": [str(corpus)]}], separators=(",", ":")).join(["data.sources=", ""]),
         "--set", "data.docs_per_shard=2048",
@@ -36,6 +37,16 @@ def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
         "--set", "tokenizer.max_chars=3000000",
         "--set", "tokenizer.report_max_chars=200000",
         "--set", "tokenizer.reference_encodings=[]",
+        *SMALL_BASE,
     ]
+
+
+# A model small enough to train a few steps in seconds on one core.
+SMALL_BASE = [
+    "--set", "base.depth=2", "--set", "base.head_dim=32", "--set", "base.max_seq_len=64",
+    "--set", "base.device_batch_size=4", "--set", "base.total_batch_size=512", "--set", "base.num_iterations=12",
+    "--set", "base.eval_every=6", "--set", "base.eval_tokens=2048", "--set", "base.sample_every=12",
+    "--set", "base.sample_tokens=4", "--set", "base.checkpoint_every=4", "--set", "base.loader_threads=1",
+]
 
 

@@ -30,7 +30,7 @@ def cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.Complete
 
 
 def run(store: Path, corpus: Path, env: dict, *extra: str, vocab: int = 1024) -> subprocess.CompletedProcess:
-    return cli(["run", "--store", str(store), *sets_for(corpus, vocab), *extra], env)
+    return cli(["run", "--store", str(store), "--until", "tokenizer", *sets_for(corpus, vocab), *extra], env)
 
 
 def ledger(store: Path, where: str = "true") -> list[tuple]:
@@ -118,7 +118,7 @@ def test_kill_9_mid_stage_then_rerun_is_identical(stage, reference, corpus, env,
         (store / "refs" / "tokenizer").exists() and shutil.rmtree(store / "refs" / "tokenizer")
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--store", str(store), *sets_for(corpus)],
+        [sys.executable, "-m", "flows.cli", "run", "--store", str(store), "--until", "tokenizer", *sets_for(corpus)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     if stage == "data":  # a shard is on disk in staging: the stage is half done
@@ -156,7 +156,7 @@ def test_flipped_byte_is_named_by_verify_and_recomputed(reference, corpus, env, 
 
 def test_two_identical_runs_together_compute_each_stage_once(corpus, env, tmp_path):
     store = tmp_path / "store"
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--store", str(store), *sets_for(corpus)],
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--store", str(store), "--until", "tokenizer", *sets_for(corpus)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
@@ -257,3 +257,25 @@ def test_runs_without_any_prefect_server(reference, corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Starting temporary server" in r.stderr
     assert r.stderr.count("Finished in state Cached(") == 2
+
+
+def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env, tmp_path):
+    """kill -9 mid-`base`: the rerun resumes from the stage's last checkpoint, not from step 0."""
+    store = fresh(reference, tmp_path)
+    args = [sys.executable, "-m", "flows.cli", "run", "--store", str(store), *sets_for(corpus),
+            "--set", "base.num_iterations=40", "--set", "base.checkpoint_every=5"]
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _kill_when(proc, lambda: any((store / "wip").glob("*/step-00000010")), timeout=240)
+    assert "base" not in {m.stage for m in Store(str(store)).list()}
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "base: resuming from step-000000" in r.stderr
+    m = Store(str(store)).get(Store(str(store)).resolve("base/latest"))
+    assert m.kind == "checkpoint" and set(m.parents) == {"data", "tokenizer"}
+    assert m.metrics["steps"] == 40 and m.metrics["val_bpb"] < m.metrics["first_val_bpb"]
+    assert m.metrics["resumed_from"] and m.metrics["resumed_from"][0] >= 10
+    assert {"model.safetensors", "model.json", "curve.json", "samples.json"} <= set(m.files)
+    assert not any((store / "wip").glob("*/step-*"))  # resume state is dropped once the artifact is committed
+    rows = ledger(store, "stage = 'base'")
+    assert [status for _, _, status in rows] == ["completed"] and rows[0][1] is False
