@@ -1,10 +1,10 @@
 """The stages that exist, in DAG order. A stage not listed here is not in the flow."""
 from __future__ import annotations
 
-from . import data, tokenizer
+from . import base, data, tokenizer
 from .stage import StageDef
 
-STAGES: list[StageDef] = [data.STAGE, tokenizer.STAGE]
+STAGES: list[StageDef] = [data.STAGE, tokenizer.STAGE, base.STAGE]
 BY_NAME: dict[str, StageDef] = {s.name: s for s in STAGES}
 
 

@@ -8,6 +8,7 @@ becomes visible through an atomic commit, so a crash or a bad input never leaves
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ def execute(
                 code={"fingerprint": code_fingerprint(st.code), "version": code_version()},
                 metrics=metrics, wall_seconds=round(time.perf_counter() - t0, 3),
             ))
+    shutil.rmtree(store.wip_dir(key), ignore_errors=True)  # resume state is useless once committed
     _refs(store, st, cfg, key)
     row(False, metrics)
     return Outcome(m, False, time.perf_counter() - t0)

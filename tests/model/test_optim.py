@@ -1,6 +1,7 @@
 """Optimizers and schedules: group membership, schedule values, and torch.optim.Muon against a hand-written reference."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -175,7 +176,7 @@ def reference_orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.T if tall else x
 
 
-@pytest.mark.parametrize("cls, tol", [(torch.optim.Muon, TOL), (Muon, 1e-5)], ids=["torch", "ours-fp32-cpu"])
+@pytest.mark.parametrize("cls, tol", [(torch.optim.Muon, TOL), (Muon, 1e-4)], ids=["torch", "ours-fp32-cpu"])
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
 def test_muon_update_equals_a_hand_written_reference(shape, cls, tol):
     torch.manual_seed(0)
@@ -212,15 +213,17 @@ def test_our_muon_state_is_interchangeable_with_torchs():
     w1.grad = torch.randn(16, 24)
     theirs.step()
     ours = Muon([w2], lr=0.02, weight_decay=0.0, momentum=0.9)
-    ours.load_state_dict(theirs.state_dict())
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # deep: load_state_dict would share the buffers
     assert set(ours.state_dict()["param_groups"][0]) == set(theirs.state_dict()["param_groups"][0])
     w2.data.copy_(w1.data)
+    before = w1.detach().clone()
     g = torch.randn(16, 24)
     w1.grad, w2.grad = g.clone(), g.clone()
     theirs.step()
     ours.step()
     torch.testing.assert_close(ours.state[w2]["momentum_buffer"], theirs.state[w1]["momentum_buffer"])
-    assert (w2 - w1).norm() / (0.02 * 16 ** 0.5) < TOL  # updates agree up to torch's bf16 rounding
+    assert ours.state[w2]["momentum_buffer"] is not theirs.state[w1]["momentum_buffer"]
+    assert (w2 - w1).norm() / (w1 - before).norm() < TOL  # updates agree up to torch's bf16 rounding
 
 
 def test_our_muon_handles_weight_decay_and_missing_grads_like_torch():
