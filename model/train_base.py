@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -213,6 +214,8 @@ def train(spec: dict) -> dict:
         (out_dir / "model.json").write_text(json.dumps({"model": mcfg.to_dict(), "step": steps}, indent=1, sort_keys=True))
         (out_dir / "curve.json").write_text(json.dumps({"train": loop["curve"], "val": loop["evals"]}, sort_keys=True))
         (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1, ensure_ascii=False))
+        # the tokenizer travels with the weights: a pulled checkpoint is all a chat needs
+        shutil.copytree(tokenizer_dir, out_dir / "tokenizer", ignore=shutil.ignore_patterns("manifest.json", "compression.md"))
         if spec.get("metrics_path"):
             Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
     runtime.shutdown(rt)

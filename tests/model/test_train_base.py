@@ -78,7 +78,8 @@ def test_trains_and_val_bpb_falls(inputs, tmp_path):
     assert m["steps"] == 60 and m["tokens"] == 60 * 512 and m["streams"] == 2 and m["world_size"] == 1
     assert m["flops_per_token"] > 0 and m["tokens_per_s"] > 0 and m["mfu"] is None  # no MFU without a known peak
     out = spec.parent / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["curve.json", "model.json", "model.safetensors", "samples.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["curve.json", "model.json", "model.safetensors", "samples.json", "tokenizer"]
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["token_bytes.safetensors", "tokenizer.json"]
     samples = json.loads((out / "samples.json").read_text())
     assert samples[-1]["step"] == 60 and len(samples[-1]["samples"]) == 7
 
