@@ -49,6 +49,15 @@ def parser() -> argparse.ArgumentParser:
     stage.add_argument("--run", dest="run_id", help="reuse the config of this earlier run (its id from the ledger / Prefect)")
     stage.add_argument("--force", action="store_true", help="recompute even if cached")
 
+    chat = sub.add_parser("chat", help="chat with a checkpoint in the terminal (streaming)")
+    chat.add_argument("--model", required=True, help="a ref (base/latest), a key, or hf://org/repo[@rev]")
+    chat.add_argument("-p", "--prompt", help="ask one question, print the reply and exit")
+    chat.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    chat.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = off (default 50)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    chat.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    chat.add_argument("--store", default=None, help=STORE_HELP)
+
     srv = sub.add_parser("server", help="start a local Prefect server (UI) and serve the pipeline and single-stage deployments")
     _config_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
@@ -66,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
     gc = asub.add_parser("gc", parents=[store_opt], help="delete temporary data, trash and artifacts no ref reaches")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument("--keep-unreferenced", action="store_true", help="delete temporary data only")
+    pull = asub.add_parser("pull", parents=[store_opt], help="download (hf://org/repo[@rev]) or check an artifact and verify every file")
+    pull.add_argument("ref")
+    push = asub.add_parser("push", parents=[store_opt], help="upload an artifact to the Hugging Face Hub (token from HF_TOKEN)")
+    push.add_argument("ref", help="ref or key to push")
+    push.add_argument("target", help="hf://org/repo[@revision]")
+    push.add_argument("--private", action="store_true", help="create the repo private")
     q = asub.add_parser("query", parents=[store_opt], help="run SQL on the DuckDB catalog (tables: artifacts, stage_runs, runs)")
     q.add_argument("sql")
     return ap
@@ -74,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "server": cmd_server}[args.cmd](args)
+        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "server": cmd_server, "chat": cmd_chat}[args.cmd](args)
     except KeyboardInterrupt:
         print("chatforge: interrupted", file=sys.stderr)
         return 130
@@ -192,6 +207,17 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from artifacts.models import resolve_model
+    from artifacts.store import Store
+    from serve.terminal import chat
+
+    if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= 4096:
+        raise KeyError("chat: --temperature must be in 0..2, --top-k in 0..200, --max-tokens in 1..4096")
+    path = resolve_model(args.model, Store(args.store))
+    return chat(path, args.prompt, args.temperature, args.top_k or None, args.max_tokens, device=args.device)
+
+
 def cmd_server(args) -> int:
     from flows.overrides import build_config
     from flows.server import main as serve_main
@@ -236,6 +262,17 @@ def cmd_artifacts(args) -> int:
         for path in doomed:
             print(("would delete " if args.dry_run else "deleted ") + path)
         print(f"{len(doomed)} entries {'to delete' if args.dry_run else 'deleted'}")
+        return 0
+    if args.acmd == "pull":
+        from artifacts.models import pull
+
+        key = pull(args.ref, store)
+        print(f"{key}  {store.local_path(key)}")
+        return 0
+    if args.acmd == "push":
+        from artifacts.models import push
+
+        print(push(args.ref, args.target, store, private=args.private))
         return 0
     if args.acmd == "query":
         from artifacts.catalog import connect

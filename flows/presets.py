@@ -50,8 +50,8 @@ def tiny() -> PipelineConfig:
     # ~5M parameters, 2 data streams (so gradient accumulation is exercised), a few minutes on 2 cores
     cfg.base = BaseConfig(
         depth=4, head_dim=64, max_seq_len=256, device_batch_size=8, total_batch_size=4096,
-        num_iterations=300, eval_every=50, eval_tokens=16384, sample_every=300, sample_tokens=16,
-        checkpoint_every=50, muon_momentum_warmup=50,
+        num_iterations=120, eval_every=40, eval_tokens=16384, sample_every=120, sample_tokens=16,
+        checkpoint_every=40, muon_momentum_warmup=40,
     )
     return cfg
 
