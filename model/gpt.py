@@ -16,6 +16,7 @@ the head is called ``lm_head``, and every other matrix lives under ``blocks``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass, fields
@@ -149,14 +150,19 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        else:  # inference with a KV cache: it stores k, v and returns every key/value to attend to (see forward_cached)
+            k, v, mask = kv(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -176,8 +182,8 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin, kv)
         return x + self.mlp(rms_norm(x))
 
 
@@ -259,6 +265,30 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def forward_cached(self, idx: torch.Tensor, kv_cache, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference on top of a KV cache (see `model.engine.KVCache`): fp32 logits (B, V) of one token per row.
+
+        `kv_cache.positions(T)` gives the (B, T) absolute positions of `idx`'s tokens (for the rotary angles),
+        and `kv_cache.update(layer, k, v)` stores the new keys/values (B, H_kv, T, D) and returns
+        `(keys, values, mask)` to attend to, with `mask` a boolean attn_mask or None for plain causal attention.
+        `last` (B,) picks the position whose logits are returned per row (default: the last, T - 1), so a
+        prefill never materialises T × vocab logits. Same result as `forward` on the whole sequence.
+        """
+        B, T = idx.shape
+        pos = kv_cache.positions(T)
+        if int(pos.max()) >= self.config.sequence_len:
+            raise InputError(
+                f"position {int(pos.max())} is past the model's context of {self.config.sequence_len} tokens: "
+                "shorten the prompt or generate fewer tokens"
+            )
+        cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, T, 1, D/2)
+        x = rms_norm(self.embed(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, functools.partial(kv_cache.update, i))
+        x = x[:, -1] if last is None else x[torch.arange(B, device=x.device), last]
+        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     @torch.no_grad()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -108,6 +108,22 @@ class Tokenizer:
         # Special tokens are rendered by name so that a decoded conversation shows its structure.
         return self._hf.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (b"" for a special token). Unlike `decode`, a token holding part
+        of a multi-byte UTF-8 character gives its exact bytes, not U+FFFD (used by streaming output)."""
+        table = getattr(self, "_byte_table", None)  # built on first use
+        if table is None:
+            byte_of_char = _byte_of_char()
+            special = set(self._special.values())
+            table = [b""] * self.vocab_size
+            for token, tid in self._hf.get_vocab(with_added_tokens=True).items():
+                if tid not in special:
+                    table[tid] = bytes(byte_of_char[c] for c in token)
+            self._byte_table = table
+        if not 0 <= token_id < len(table):
+            raise KeyError(f"token id {token_id} is outside the vocabulary of {len(table)} tokens")
+        return table[token_id]
+
 
 def train(cfg: TokenizerConfig, dataset_dir: Path, out_dir: Path, download_dir: Path | None) -> dict:
     """Train on the train split, write the artifact files into the empty `out_dir`, return metrics.
