@@ -58,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     chat.add_argument("--store", default=None, help=STORE_HELP)
 
+    from serve.cli import add_arguments
+
+    add_arguments(sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible /v1/chat/completions and a web chat page"))
+
     srv = sub.add_parser("server", help="start a local Prefect server (UI) and serve the pipeline and single-stage deployments")
     _config_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
@@ -89,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "server": cmd_server, "chat": cmd_chat}[args.cmd](args)
+        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "server": cmd_server, "chat": cmd_chat, "serve": cmd_serve}[args.cmd](args)
     except KeyboardInterrupt:
         print("chatforge: interrupted", file=sys.stderr)
         return 130
@@ -205,6 +209,12 @@ def cmd_stage(args) -> int:
     key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)
     print(f"{args.name:<10} {key}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from serve.cli import cmd_serve as run
+
+    return run(args)
 
 
 def cmd_chat(args) -> int:
