@@ -47,9 +47,9 @@ def tiny() -> PipelineConfig:
     cfg.preset = "tiny"
     cfg.data = DataConfig(sources=list(OFFLINE_TEXT.values()), val_fraction=0.05, docs_per_shard=4096)
     cfg.tokenizer = TokenizerConfig(vocab_size=4096, max_chars=20_000_000, report_max_chars=1_000_000)
-    # ~5M parameters, 2 data streams (so gradient accumulation is exercised), a few minutes on 2 cores
+    # ~5M parameters, 2 data streams (so gradient accumulation is exercised), about 2 minutes on 2 cores
     cfg.base = BaseConfig(
-        depth=4, head_dim=64, max_seq_len=256, device_batch_size=8, total_batch_size=4096,
+        depth=4, head_dim=64, max_seq_len=256, device_batch_size=4, total_batch_size=2048,
         num_iterations=120, eval_every=40, eval_tokens=16384, sample_every=120, sample_tokens=16,
         checkpoint_every=40, muon_momentum_warmup=40,
     )

@@ -31,7 +31,7 @@ from .config import BaseConfig
 from .errors import InputError
 from .gpt import GPT, GPTConfig
 from .loader import TokenLoader, iter_val_batches
-from .optim import apply_schedules, build_optimizers
+from .optim import apply_schedules, build_optimizers, lr_multiplier
 from .tokenizer import Tokenizer
 
 PROMPTS = [
@@ -103,7 +103,7 @@ def train(spec: dict) -> dict:
     mine = list(range(rt.rank, n_streams, rt.world_size))
     accum = len(mine)
 
-    loop = {"curve": {"step": [], "train_loss": []}, "evals": [], "samples": [], "ema": 0.0, "train_seconds": 0.0, "resumed_from": []}
+    loop = {"curve": {"step": [], "train_loss": [], "lr_mult": []}, "evals": [], "samples": [], "ema": 0.0, "train_seconds": 0.0, "resumed_from": []}
     start_step, loader_states = 0, {}
     if (ckpt := checkpoint.latest(wip)) is not None:
         made_for = checkpoint.read_state(ckpt)["model"]
@@ -115,6 +115,7 @@ def train(spec: dict) -> dict:
         loop["resumed_from"].append(start_step)
         if rt.main:
             print(f"base: resuming from {ckpt.name} (step {start_step} of {steps})", file=sys.stderr, flush=True)
+    _check_row_groups(dataset_dir, n_streams)
     loaders = {
         s: TokenLoader(dataset_dir, "train", tok, cfg.device_batch_size, cfg.max_seq_len, rank=s, world_size=n_streams,
                        state=loader_states.get(str(s)), threads=cfg.loader_threads, device=str(rt.device))
@@ -184,8 +185,9 @@ def train(spec: dict) -> dict:
         ema = loop["ema"] / (1 - 0.9 ** step)
         loop["curve"]["step"].append(step)
         loop["curve"]["train_loss"].append(train_loss)
+        loop["curve"]["lr_mult"].append(lr_multiplier(step - 1, steps, cfg))
         tps = tokens_per_step / dt
-        bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{loop['curve']['lr_mult'][-1]:.2f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
         if stop.requested or step % cfg.checkpoint_every == 0:
             save(step)
@@ -220,6 +222,20 @@ def train(spec: dict) -> dict:
             Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
     runtime.shutdown(rt)
     return metrics
+
+
+def _check_row_groups(dataset_dir: Path, n_streams: int) -> None:
+    import pyarrow.parquet as pq
+
+    from .dataset import list_shards
+
+    groups = sum(pq.ParquetFile(p).metadata.num_row_groups for p in list_shards(dataset_dir, "train"))
+    if groups < n_streams:
+        raise InputError(
+            f"the train split has {groups} row group(s) but training reads {n_streams} data streams "
+            "(total_batch_size / (device_batch_size × max_seq_len)), one row group each at least: "
+            "use more text, a smaller data.row_group_size, or fewer streams"
+        )
 
 
 def _all_reduce_grads(model: torch.nn.Module, world_size: int) -> None:

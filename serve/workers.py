@@ -122,8 +122,10 @@ class _Worker:
                     self._run(job)
             except Exception as e:  # a failure answers this request only; the worker keeps serving
                 log.exception("generation failed on worker %d", self.index)
-                job.emit(("error", f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                # free and count before answering, so a client that saw the error sees consistent /health
+                self.job = None
                 self.pool._count("failed")
+                job.emit(("error", f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
             finally:
                 self.job = None
 

@@ -33,6 +33,7 @@ def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
     return [
         "--set", json.dumps([{"kind": "local", "paths": [str(corpus)]}], separators=(",", ":")).join(["data.sources=", ""]),
         "--set", "data.docs_per_shard=2048",
+        "--set", "data.row_group_size=64",
         "--set", f"tokenizer.vocab_size={vocab}",
         "--set", "tokenizer.max_chars=3000000",
         "--set", "tokenizer.report_max_chars=200000",

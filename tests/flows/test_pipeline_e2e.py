@@ -279,3 +279,7 @@ def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env
     assert not any((store / "wip").glob("*/step-*"))  # resume state is dropped once the artifact is committed
     rows = ledger(store, "stage = 'base'")
     assert [status for _, _, status in rows] == ["completed"] and rows[0][1] is False
+
+    chat = cli(["chat", "--model", "base/latest", "--store", str(store), "-p", "Doc 1:", "--temperature", "0", "--max-tokens", "8"], env)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.strip() and "first token after" in chat.stderr

@@ -51,6 +51,7 @@ def test_trigger_pipeline_deployment_through_the_api(tmp_path):
         assert dep["parameters"]["config"]["tokenizer"]["vocab_size"] == 600
         assert "tokenizer" in dep["parameter_openapi_schema"]["definitions"]["PipelineConfig"]["properties"]
         run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=10).json()
+        assert "id" in run, run
 
         def finished():
             state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
