@@ -5,14 +5,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from helpers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Nothing a test does may touch the user's ~/.cache/chatforge or ~/.prefect.
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -25,12 +22,6 @@ def _isolated_homes(tmp_path_factory):
     os.environ["CHATFORGE_HOME"] = str(home / "chatforge")
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     yield
-
-
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent (a fresh clone has no ../shared); these tests need its data")
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

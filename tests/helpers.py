@@ -6,6 +6,16 @@ import random
 import socket
 from pathlib import Path
 
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (a fresh clone has no ../shared); these tests need its data")
+    return SHARED_DATA
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,3 +61,17 @@ SMALL_BASE = [
 ]
 
 
+
+
+def small_bpe(text: str, vocab_size: int, repeat: int = 10):
+    """A byte-level BPE with the real special tokens, trained in milliseconds on `text`."""
+    from tokenizers import pre_tokenizers, trainers
+
+    from model.config import SPECIAL_TOKENS
+    from model.tokenizer import Tokenizer, _untrained
+
+    hf = _untrained()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([text] * repeat, trainer=trainer)
+    return Tokenizer(hf)

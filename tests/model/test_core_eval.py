@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import pre_tokenizers, trainers
 
-from conftest import shared_data
+from helpers import shared_data, small_bpe
 from model import core_eval as ce
-from model.config import SPECIAL_TOKENS
 from model.gpt import GPT, GPTConfig
-from model.tokenizer import Tokenizer, _untrained
+from model.tokenizer import Tokenizer
 
 SHARED_18 = ["jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa", "commonsense_qa", "piqa",
              "openbook_qa", "lambada_openai", "winograd", "winogrande", "bigbench_dyck_languages",
@@ -22,25 +20,13 @@ SHARED_18 = ["jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "c
 MISSING_4 = ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TEXT = ("The capital of France is Paris. The capital of Italy is Rome. Question: what is red? Answer: "
         "an apple is red and the sky is blue. yes no maybe the cat sat on the mat. ") * 5
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    hf = _untrained()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([TEXT] * 10, trainer=trainer)
-    return Tokenizer(hf)
+    return small_bpe(TEXT, 330, repeat=10)
 
 
 class ByteTok:

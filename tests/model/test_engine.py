@@ -11,35 +11,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import pre_tokenizers, trainers
 
+from helpers import small_bpe
 from model.config import SPECIAL_TOKENS
 from model.engine import Engine, KVCache
 from model.errors import InputError
 from model.gpt import GPT, GPTConfig
 from model.streaming import TextStream
-from model.tokenizer import Tokenizer, _untrained
+from model.tokenizer import Tokenizer
 
 SEQ = 48
 TEXT = "Hello world, the quick brown fox. What is 1+2? 12*7=84. 日本語のテキスト, 中文, emoji 🙂🚀 and café."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     """A small byte-level BPE with the real special tokens (emoji and CJK stay split across tokens)."""
-    hf = _untrained()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([TEXT] * 20, trainer=trainer)
-    return Tokenizer(hf)
+    return small_bpe(TEXT, 320, repeat=20)
 
 
 def make_model(vocab: int, n_kv_head: int = 4, seed: int = 0) -> GPT:

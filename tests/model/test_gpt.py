@@ -12,15 +12,6 @@ from model.errors import InputError
 from model.gpt import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not fight other tests for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**over) -> GPTConfig:
     base = dict(vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, sequence_len=32)
     return GPTConfig(**{**base, **over})

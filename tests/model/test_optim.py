@@ -13,14 +13,6 @@ from model.gpt import GPT, GPTConfig
 from model.optim import Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(vocab: int = 64, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, sequence_len=32))
