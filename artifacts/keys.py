@@ -45,9 +45,14 @@ def artifact_key(stage: str, config: dict, inputs: dict[str, str], code: str) ->
     return sha256_hex(canonical_json(payload).encode())
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def stream_sha256(f, chunk: int = 1 << 20) -> str:
+    """sha256 of an open binary file object, read in chunks (any fsspec file works)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return stream_sha256(f)

@@ -30,7 +30,7 @@ import fsspec
 from fsspec.registry import known_implementations
 
 from .errors import ArtifactCorrupt, ArtifactMissing, StoreError
-from .keys import file_sha256
+from .keys import file_sha256, stream_sha256
 from .manifest import Manifest
 
 DEFAULT_ROOT = "~/.cache/chatforge"
@@ -149,15 +149,8 @@ class Store:
         return problems
 
     def _sha256(self, path: str) -> str:
-        if self.local:
-            return file_sha256(Path(path))
-        import hashlib
-
-        h = hashlib.sha256()
         with self.fs.open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        return h.hexdigest()
+            return stream_sha256(f)
 
     def get(self, key: str) -> Manifest:
         m = self.manifest(key)

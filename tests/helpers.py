@@ -75,3 +75,18 @@ def small_bpe(text: str, vocab_size: int, repeat: int = 10):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator([text] * repeat, trainer=trainer)
     return Tokenizer(hf)
+
+
+def train_inputs(root: Path, docs: int, vocab_size: int = 512) -> tuple[Path, Path]:
+    """A dataset artifact dir (row groups of 64 docs) and a tokenizer trained on it, built in-process."""
+    from model.config import DataConfig, LocalSource, TokenizerConfig
+    from model.dataset import build
+    from model.tokenizer import train as train_tokenizer
+
+    corpus = write_corpus(root / "docs.jsonl", docs=docs)
+    data, tok = root / "data", root / "tok"
+    data.mkdir()
+    tok.mkdir()
+    build(DataConfig(sources=[LocalSource(paths=[str(corpus)])], row_group_size=64, val_fraction=0.05), data, download_dir=root / "dl")
+    train_tokenizer(TokenizerConfig(vocab_size=vocab_size, reference_encodings=[], report_max_chars=50_000), data, tok, download_dir=None)
+    return data, tok

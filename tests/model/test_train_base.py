@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import write_corpus
-from model.config import BaseConfig, DataConfig, LocalSource, TokenizerConfig
-from model.dataset import build
+from helpers import train_inputs
+from model.config import BaseConfig, TokenizerConfig
 from model.tokenizer import train as train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,14 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("base-inputs")
-    corpus = write_corpus(root / "docs.jsonl", docs=3000)
-    data, tok = root / "data", root / "tok"
-    data.mkdir()
-    tok.mkdir()
-    build(DataConfig(sources=[LocalSource(paths=[str(corpus)])], row_group_size=64, val_fraction=0.05), data, download_dir=root / "dl")
-    train_tokenizer(TokenizerConfig(vocab_size=512, reference_encodings=[]), data, tok, download_dir=None)
-    return data, tok
+    return train_inputs(tmp_path_factory.mktemp("base-inputs"), docs=3000)
 
 
 def small(**over) -> BaseConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, write_corpus
+from helpers import free_port, train_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,17 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint artifact directory (model.safetensors, model.json, tokenizer/) of a 2-layer GPT trained
     for 10 steps on a pseudo-English corpus with a 512-token vocabulary. It chats badly, which is fine."""
-    from model.config import BaseConfig, DataConfig, LocalSource, TokenizerConfig
-    from model.dataset import build
-    from model.tokenizer import train as train_tokenizer
+    from model.config import BaseConfig
 
     root = tmp_path_factory.mktemp("serve-ckpt")
-    corpus = write_corpus(root / "docs.jsonl", docs=600)
-    data, tok = root / "data", root / "tok"
-    data.mkdir()
-    tok.mkdir()
-    build(DataConfig(sources=[LocalSource(paths=[str(corpus)])], row_group_size=64, val_fraction=0.05), data, download_dir=root / "dl")
-    train_tokenizer(TokenizerConfig(vocab_size=512, reference_encodings=[], report_max_chars=50_000), data, tok, download_dir=None)
+    data, tok = train_inputs(root, docs=600)
     cfg = BaseConfig(depth=2, head_dim=32, max_seq_len=64, device_batch_size=4, total_batch_size=512, num_iterations=10,
                      eval_every=10, eval_tokens=512, sample_every=10, sample_tokens=2, checkpoint_every=1000,
                      muon_momentum_warmup=5, loader_threads=1, device="cpu")
