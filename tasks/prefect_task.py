@@ -5,10 +5,11 @@ reported to Prefect as a `Cached` completed state so the UI shows it as such.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
@@ -42,5 +43,13 @@ def _publish(st: StageDef, artifact_dir: Path) -> None:
             create_markdown_artifact(
                 key=f"{st.name}-{path.stem}".lower().replace("_", "-"),
                 markdown=path.read_text(),
+                description=f"{st.name}: {name}",
+            )
+    for name in st.tables:
+        path = artifact_dir / name
+        if path.exists():
+            create_table_artifact(
+                key=f"{st.name}-{path.stem}".lower().replace("_", "-"),
+                table=json.loads(path.read_text()),
                 description=f"{st.name}: {name}",
             )

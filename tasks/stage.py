@@ -31,12 +31,18 @@ class StageDef:
     compute: Callable[[Section, StageContext], dict]  # fills ctx.out_dir, returns metrics
     describe: str = ""
     reports: tuple[str, ...] = ()  # markdown files in the artifact shown as Prefect artifacts
+    tables: tuple[str, ...] = ()  # JSON files (a list of row dicts) in the artifact shown as Prefect table artifacts
+    # what the config names but does not contain (a local directory's files): hashed into the key
+    fingerprint: Callable[[Section], dict] | None = None
 
     def config(self, cfg: PipelineConfig) -> Section:
         return getattr(cfg, self.section)
 
     def key(self, cfg: PipelineConfig, input_keys: dict[str, str]) -> str:
-        return artifact_key(self.name, self.config(cfg).key_dict(), input_keys, code_fingerprint(self.code))
+        config = self.config(cfg).key_dict()
+        if self.fingerprint is not None:
+            config = {**config, "content": self.fingerprint(self.config(cfg))}
+        return artifact_key(self.name, config, input_keys, code_fingerprint(self.code))
 
 
 def plan(stages: list[StageDef], cfg: PipelineConfig) -> dict[str, str]:

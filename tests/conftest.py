@@ -4,11 +4,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import json
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, train_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # Nothing a test does may touch the user's ~/.cache/chatforge or ~/.prefect.
@@ -59,3 +63,27 @@ def prefect_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint artifact directory (model.safetensors, model.json, tokenizer/) of a 2-layer GPT trained
+    for 10 steps on a pseudo-English corpus with a 512-token vocabulary. It chats badly, which is fine."""
+    from model.config import BaseConfig
+
+    root = tmp_path_factory.mktemp("serve-ckpt")
+    data, tok = train_inputs(root, docs=600)
+    cfg = BaseConfig(depth=2, head_dim=32, max_seq_len=64, device_batch_size=4, total_batch_size=512, num_iterations=10,
+                     eval_every=10, eval_tokens=512, sample_every=10, sample_tokens=2, checkpoint_every=1000,
+                     muon_momentum_warmup=5, loader_threads=1, device="cpu")
+    out = root / "out"
+    out.mkdir()
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "dataset_dir": str(data), "tokenizer_dir": str(tok),
+                                "out_dir": str(out), "wip_dir": str(root / "wip"), "metrics_path": str(root / "metrics.json")}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "model.train_base", str(spec)], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+    return out

@@ -15,7 +15,7 @@ import torch
 from model.config import DataConfig, LocalSource, TokenizerConfig
 from model.dataset import build, list_shards
 from model.errors import InputError
-from model.loader import TokenLoader, iter_val_batches
+from model.loader import TokenLoader, iter_eval_batches
 from model.tokenizer import Tokenizer, train
 
 _SYLLABLES = "ka to ri me su na lo vi de pa ru sho ten mi ga bel or an is ex ul".split()
@@ -212,13 +212,13 @@ def test_endless_loop_starts_a_new_epoch(dataset, tok):
 def test_val_batches_are_deterministic(dataset, tok):
     B, T = 2, 16
     ref = _stream(tok, _row_group_texts(dataset, "val"))
-    a = list(iter_val_batches(dataset, tok, B, T, max_tokens=10 * B * T + 5))
-    b = list(iter_val_batches(dataset, tok, B, T, max_tokens=10 * B * T + 5))
+    a = list(iter_eval_batches(dataset, tok, B, T, max_tokens=10 * B * T + 5))
+    b = list(iter_eval_batches(dataset, tok, B, T, max_tokens=10 * B * T + 5))
     assert len(a) == 10 and _same(a, b)
     np.testing.assert_array_equal(a[0][0].reshape(-1).numpy(), ref[:B * T])  # the start of the val split
-    assert len(list(iter_val_batches(dataset, tok, B, T, max_tokens=1))) == 1  # at least one batch
+    assert len(list(iter_eval_batches(dataset, tok, B, T, max_tokens=1))) == 1  # at least one batch
     # more than the split holds: wraps around, same count on every rank
-    long = list(iter_val_batches(dataset, tok, B, T, max_tokens=2 * len(ref)))
+    long = list(iter_eval_batches(dataset, tok, B, T, max_tokens=2 * len(ref)))
     assert len(long) == 2 * len(ref) // (B * T)
 
 
@@ -227,14 +227,14 @@ def test_val_batches_on_several_ranks(dataset, tok):
     groups = _row_group_texts(dataset, "val")
     # as many row groups as ranks: strided row groups
     for rank in range(2):
-        got = list(iter_val_batches(dataset, tok, B, T, max_tokens=5 * B * T, rank=rank, world_size=2))
+        got = list(iter_eval_batches(dataset, tok, B, T, max_tokens=5 * B * T, rank=rank, world_size=2))
         np.testing.assert_array_equal(torch.cat([x.reshape(-1) for x, _ in got]).numpy(),
                                       _stream(tok, groups[rank::2])[:5 * B * T])
     # more ranks than row groups: every rank takes every W-th batch of the one val stream
     W = len(groups) + 1
-    single = list(iter_val_batches(dataset, tok, B, T, max_tokens=3 * W * B * T))
+    single = list(iter_eval_batches(dataset, tok, B, T, max_tokens=3 * W * B * T))
     for rank in (0, W - 1):
-        got = list(iter_val_batches(dataset, tok, B, T, max_tokens=3 * B * T, rank=rank, world_size=W))
+        got = list(iter_eval_batches(dataset, tok, B, T, max_tokens=3 * B * T, rank=rank, world_size=W))
         assert _same(got, single[rank::W])
 
 
