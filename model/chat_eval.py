@@ -95,10 +95,11 @@ def crop(prompt: Sequence[int], max_len: int) -> list[int]:
 class ModelAnswerer:
     """Answers with a GPT: letters from one right-padded forward pass per batch, replies from the Engine."""
 
-    def __init__(self, model, tok, batch_size: int = 8):
+    def __init__(self, model, tok, batch_size: int = 8, progress: Callable[[int], None] | None = None):
         from .engine import Engine
 
         self.model, self.tok, self.batch_size = model.eval(), tok, max(1, batch_size)
+        self.progress = progress or (lambda n: None)  # told how many prompts each finished batch held
         self.engine = Engine(model, tok)
         self.sequence_len = int(model.config.sequence_len)
         self.stop_ids = {tok.special_id("<|assistant_end|>"), tok.bos_id}
@@ -127,6 +128,7 @@ class ModelAnswerer:
             logits = self.model.forward_cached(ids.to(device), cache, last=last)
             for b, i in enumerate(rows):
                 out[i] = int(logits[b, letter_ids[i]].argmax())
+            self.progress(len(rows))
         return out
 
     def complete(self, prompts: list[list[int]], max_tokens: int) -> list[str]:
@@ -138,6 +140,7 @@ class ModelAnswerer:
                 if tokens and tokens[-1] in self.stop_ids:
                     tokens = tokens[:-1]
                 out[i] = self.tok.decode(tokens)
+            self.progress(len(rows))
         return out
 
 
@@ -287,3 +290,133 @@ def evaluate_chat(model, tok, items: Mapping[str, Sequence[dict] | None], *, ans
     aggregate = {"name": name, "value": value, "tasks": covered,
                  "missing": [task for task, row in rows.items() if row["status"] != "ok"]}
     return {"tasks": rows, "aggregate": aggregate, name: value}
+
+
+# ---------------------------------------------------------------- the `chat_eval` stage's entry point
+#   python -m model.chat_eval spec.json                       (one process)
+#   torchrun --nproc_per_node N -m model.chat_eval spec.json  (items split over N ranks)
+# spec.json: {"config": ChatEvalConfig, "checkpoint_dir", "evalset_dir", "out_dir", "metrics_path"}
+
+def table(result: dict) -> list[dict]:
+    rows = []
+    for task, r in result["tasks"].items():
+        ok = r["status"] == "ok"
+        rows.append({"task": task, "type": r.get("type", ""), "items": r.get("n"),
+                     "accuracy": round(r["accuracy"], 4) if ok else None,
+                     "baseline": round(r["baseline"], 4) if ok else None,
+                     "centered": round(r["centered"], 4) if ok else None,
+                     "outcomes": ", ".join(f"{k} {v}" for k, v in r.get("statuses", {}).items()), "status": r["status"]})
+    return rows
+
+
+def markdown(result: dict, checkpoint: str) -> str:
+    agg = result["aggregate"]
+    head = f"**{agg['name']}: {agg['value']:.4f}**" if agg["value"] is not None else f"**ChatCORE: {NOT_RUN}**"
+    lines = [head + f" (checkpoint: {checkpoint})", "", "| task | type | items | accuracy | baseline | centered | outcomes |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table(result):
+        if r["status"] != "ok":
+            lines.append(f"| {r['task']} | | | {r['status']} | | | |")
+        else:
+            lines.append(f"| {r['task']} | {r['type']} | {r['items']} | {r['accuracy']:.4f} | {r['baseline']:.3f} | "
+                         f"{r['centered']:.4f} | {r['outcomes']} |")
+    if agg["missing"]:
+        lines += ["", f"{agg['name']} covers {', '.join(agg['tasks']) or 'no task'}; not run (data unavailable): "
+                  f"{', '.join(agg['missing'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(spec: dict) -> dict:
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from . import runtime
+    from .config import ChatEvalConfig
+    from .evalsets import load_sets
+    from .load import load_model
+
+    try:
+        cfg = ChatEvalConfig.model_validate(spec["config"])
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"bad value for chat_eval.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
+    rt = runtime.init(cfg.device)
+    model, tok = load_model(Path(spec["checkpoint_dir"]), rt.device)
+    sets = load_sets(Path(spec["evalset_dir"]))
+
+    def all_reduce(values: list[float]) -> list[float]:
+        return rt.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=rt.device)).tolist()
+
+    rows, seconds = {}, {}
+    for task in TASK_NAMES:
+        items = sets.get(task)
+        n = len(select(len(items), cfg.max_per_task, rt.rank, rt.world_size)) if items else 0
+        bar = tqdm(total=n, desc=f"chat_eval {task}", unit="item", disable=not rt.main or not n, mininterval=2, file=sys.stderr)
+        answerer = ModelAnswerer(model, tok, cfg.batch_size, progress=bar.update)
+        t0 = time.perf_counter()
+        with rt.autocast():
+            rows[task] = evaluate_task(answerer, tok, task, items, max_items=cfg.max_per_task, max_tokens=cfg.max_new_tokens,
+                                       rank=rt.rank, world_size=rt.world_size,
+                                       all_reduce=all_reduce if rt.distributed else None,
+                                       timeout=cfg.humaneval_timeout, memory_mb=cfg.humaneval_memory_mb)
+        bar.close()
+        seconds[task] = round(time.perf_counter() - t0, 3)
+        if rows[task]["status"] == "ok":
+            rows[task]["seconds"] = seconds[task]
+            if rt.main:
+                r = rows[task]
+                print(f"chat_eval: {task}: {r['correct']}/{r['n']} = {r['accuracy']:.4f} (centered {r['centered']:.4f}) "
+                      f"in {seconds[task]:.1f} s", file=sys.stderr, flush=True)
+    covered = [t for t, r in rows.items() if r["status"] == "ok"]
+    name = aggregate_name(covered)
+    value = sum(rows[t]["centered"] for t in covered) / len(covered) if covered else None
+    result = {"tasks": rows, "aggregate": {"name": name, "value": value, "tasks": covered,
+                                           "missing": [t for t in TASK_NAMES if t not in covered]}, "checkpoint": cfg.checkpoint}
+    from .sandbox import isolation
+
+    metrics = {"score": value, "score_name": name, "chat_tasks": len(covered), "chat_missing": result["aggregate"]["missing"],
+               "checkpoint": cfg.checkpoint, "device_type": rt.device_type(), "world_size": rt.world_size,
+               **{f"{t}_accuracy": rows[t]["accuracy"] for t in covered},
+               "items_per_s": {t: rows[t]["n"] / seconds[t] for t in covered if seconds[t] > 0},
+               "sandbox": isolation()}
+    if rt.main:
+        out = Path(spec["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "chat_eval.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+        (out / "chat_table.json").write_text(json.dumps(table(result), indent=1))
+        (out / "report.md").write_text(markdown(result, cfg.checkpoint))
+        if spec.get("metrics_path"):
+            Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
+    runtime.shutdown(rt)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m model.chat_eval SPEC.json", file=sys.stderr)
+        return 2
+    try:
+        metrics = evaluate(json.loads(Path(args[0]).read_text()))
+    except InputError as e:
+        print(f"chat_eval: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -256,7 +256,7 @@ def _pypi_records(pin: tuple, download_dir: Path) -> list[dict]:
 
 
 def _spellingbee(cfg: ChatEvalsetConfig, download_dir: Path) -> list[dict]:
-    from .chat_eval import spellingbee_items
+    from .chat_tasks import spellingbee_items
 
     package, version, sha, members, _ = WORDS
     archive = pypi.download(package, version, sha, download_dir / "pypi")

@@ -37,6 +37,6 @@ CORE = StageDef(
 )
 CHAT = StageDef(
     name="chat_evalset", kind="evalset", section="chat_evalset", inputs=(),
-    code=("model.evalsets", "model.pypi", "model.sources"), compute=_chat, fingerprint=_chat_fingerprint,
+    code=("model.evalsets", "model.pypi", "model.sources", "model.chat_tasks"), compute=_chat, fingerprint=_chat_fingerprint,
     describe="ARC-E/C, MMLU, GSM8K, HumanEval (Hub, pinned PyPI or local files) and synthetic SpellingBee, normalized and hashed.",
 )
