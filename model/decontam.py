@@ -181,3 +181,39 @@ def markdown(report: dict[str, dict], n: int) -> str:
     for name, r in report.items():
         lines.append(f"| {name} | {r['items']} | {r['checked']} | {r['contaminated']} | {r['fraction']:.2%} |")
     return "\n".join(lines) + "\n"
+
+
+def run(n: int, min_words: int, max_train_chars: int | None, dataset_dir, evalset_dirs: dict, out_dir, log=print) -> dict:
+    """The `decontam` stage: every item of the evalset artifacts against the dataset's train split.
+
+    Writes decontam.json (the report, sets named `<evalset stage>/<set>`) and decontam.md; returns metrics.
+    """
+    import json
+    from pathlib import Path
+
+    from .dataset import iter_texts
+    from .evalsets import load_sets
+
+    sets = {f"{stage}/{name}": [item_text(it) for it in items]
+            for stage, d in evalset_dirs.items() for name, items in load_sets(Path(d)).items() if items}
+    scanned = {"docs": 0, "chars": 0}
+
+    def train_texts():
+        for text in iter_texts(Path(dataset_dir), "train"):
+            if max_train_chars is not None and scanned["chars"] >= max_train_chars:
+                return
+            scanned["docs"] += 1
+            scanned["chars"] += len(text)
+            yield text
+
+    report = check(train_texts(), sets, n=n, min_words=min_words, progress=True)
+    out_dir = Path(out_dir)
+    (out_dir / "decontam.json").write_text(json.dumps({"n": n, "min_words": min_words, "scanned": scanned, "sets": report},
+                                                      indent=1, sort_keys=True))
+    note = (f"\nScanned {scanned['docs']:,} training documents ({scanned['chars']:,} characters) of the train split"
+            + (f", capped at {max_train_chars:,} characters" if max_train_chars else "") + ".\n")
+    (out_dir / "decontam.md").write_text(markdown(report, n) + note)
+    hits = {name: r["contaminated"] for name, r in report.items() if r["contaminated"]}
+    log(f"decontam: {sum(hits.values())} contaminated items" + (f" ({', '.join(f'{k} {v}' for k, v in hits.items())})" if hits else ""))
+    return {"contaminated": sum(hits.values()), "contaminated_by_set": hits, "sets": len(report),
+            "items": sum(r["items"] for r in report.values()), "train_docs": scanned["docs"], "train_chars": scanned["chars"]}

@@ -133,3 +133,39 @@ def test_real_copa_items_planted_are_found_exactly():
         docs[5 + 7 * j] += "\n\nQ: " + texts[i].replace("\n", " ") + "\n" + _filler_words(20, seed=j)
     report = check(docs, {"copa": texts})["copa"]
     assert report["contaminated"] == 3 and report["examples"] == planted
+
+
+def test_stage_run_reports_planted_items_per_evalset(tmp_path):
+    """The decontam stage's entry point: dataset artifact (train split) × evalset artifacts → report files."""
+    from model.config import ChatEvalsetConfig, DataConfig, LocalSource
+    from model.dataset import build
+    from model.evalsets import build_chat, load_sets
+
+    rng = random.Random(5)
+    vocab = [f"w{k}" for k in range(500)]
+    gsm = [{"id": f"g{i}", "question": " ".join(rng.choice(vocab) for _ in range(20)) + "?", "solution": f"{i} + 3\n#### {i + 3}",
+            "answer": str(i + 3)} for i in range(6)]
+    src = tmp_path / "evals"
+    src.mkdir()
+    (src / "gsm8k.jsonl").write_text("".join(json.dumps(it) + "\n" for it in gsm))
+    build_chat(ChatEvalsetConfig(source="none", local_dir=str(src), spellingbee_items=0), tmp_path / "chat", tmp_path / "dl",
+               log=lambda m: None)
+    docs = [{"text": f"Filler document {i} about rivers, hills and the weather in spring."} for i in range(200)]
+    docs[17]["text"] += " " + gsm[4]["question"].upper()  # planted, in another case
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "data").mkdir()
+    build(DataConfig(sources=[LocalSource(paths=[str(tmp_path / "train.jsonl")])], val_fraction=0.01), tmp_path / "data",
+          download_dir=tmp_path / "dl")
+    from model.dataset import iter_texts
+    in_train = any(gsm[4]["question"].upper() in t for t in iter_texts(tmp_path / "data", "train"))
+    out = tmp_path / "out"
+    out.mkdir()
+    from model import decontam
+    metrics = decontam.run(13, 8, None, tmp_path / "data", {"chat_evalset": tmp_path / "chat"}, out, log=lambda m: None)
+    report = json.loads((out / "decontam.json").read_text())["sets"]
+    assert report["chat_evalset/gsm8k"]["items"] == len(load_sets(tmp_path / "chat")["gsm8k"]) == 6
+    assert report["chat_evalset/gsm8k"]["contaminated"] == (1 if in_train else 0)
+    if in_train:
+        assert report["chat_evalset/gsm8k"]["examples"] == [4] and metrics["contaminated_by_set"] == {"chat_evalset/gsm8k": 1}
+    assert "chat_evalset/gsm8k" in (out / "decontam.md").read_text()
+    assert metrics["train_docs"] > 150
