@@ -164,8 +164,8 @@ def test_stage_run_reports_planted_items_per_evalset(tmp_path):
     metrics = decontam.run(13, 8, None, tmp_path / "data", {"chat_evalset": tmp_path / "chat"}, out, log=lambda m: None)
     report = json.loads((out / "decontam.json").read_text())["sets"]
     assert report["chat_evalset/gsm8k"]["items"] == len(load_sets(tmp_path / "chat")["gsm8k"]) == 6
-    assert report["chat_evalset/gsm8k"]["contaminated"] == (1 if in_train else 0)
-    if in_train:
-        assert report["chat_evalset/gsm8k"]["examples"] == [4] and metrics["contaminated_by_set"] == {"chat_evalset/gsm8k": 1}
+    assert in_train  # the hash split put the planted document in train (fixed by its text)
+    assert report["chat_evalset/gsm8k"]["contaminated"] == 1
+    assert report["chat_evalset/gsm8k"]["examples"] == [4] and metrics["contaminated_by_set"] == {"chat_evalset/gsm8k": 1}
     assert "chat_evalset/gsm8k" in (out / "decontam.md").read_text()
     assert metrics["train_docs"] > 150
