@@ -74,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     asub.add_parser("ls", parents=[store_opt], help="list committed artifacts with their keys and refs")
     show = asub.add_parser("show", parents=[store_opt], help="print an artifact's manifest")
     show.add_argument("ref", help="a ref (tokenizer/latest), a key or a unique key prefix")
+    show.add_argument("--report", action="store_true", help="print the artifact's markdown report(s) (eval tables, compression, decontamination) instead of its manifest")
     ver = asub.add_parser("verify", parents=[store_opt], help="check sizes and sha256 of every file; corrupt artifacts are moved aside so they get recomputed")
     ver.add_argument("refs", nargs="*", help="refs or keys (default: all)")
     gc = asub.add_parser("gc", parents=[store_opt], help="delete temporary data, trash and artifacts no ref reaches")
@@ -249,10 +250,18 @@ def cmd_artifacts(args) -> int:
             print(f"no artifacts in {store.url}")
         for m in rows:
             size = m.total_bytes() / 1e6
-            print(f"{m.key[:12]}  {m.stage:<10} {m.kind:<10} {m.created[:19]}  {size:9.2f} MB  {', '.join(refs.get(m.key, []))}")
+            print(f"{m.key[:12]}  {m.stage:<13} {m.kind:<10} {m.created[:19]}  {size:9.2f} MB  {', '.join(refs.get(m.key, []))}")
         return 0
     if args.acmd == "show":
-        print(json.dumps(store.get(store.resolve(args.ref)).to_dict(), indent=1))
+        m = store.get(store.resolve(args.ref))
+        if not args.report:
+            print(json.dumps(m.to_dict(), indent=1))
+            return 0
+        reports = sorted(name for name in m.files if name.endswith(".md"))
+        if not reports:
+            raise ConfigError(f"{args.ref} ({m.stage}) has no markdown report: run without --report for its manifest")
+        for name in reports:
+            print(f"## {m.stage} {m.key[:12]}: {name}\n\n" + (store.local_path(m.key) / name).read_text())
         return 0
     if args.acmd == "verify":
         keys = [store.resolve(r) for r in args.refs] if args.refs else store.keys()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from model.config import (
-    BaseConfig, BaseEvalConfig, ChatEvalsetConfig, CoreEvalsetConfig, DataConfig, HubSource, PipelineConfig,
+    BaseConfig, BaseEvalConfig, ChatEvalConfig, ChatEvalsetConfig, CoreEvalsetConfig, DataConfig, HubSource, PipelineConfig,
     TokenizerConfig,
 )
 
@@ -60,6 +60,7 @@ def tiny() -> PipelineConfig:
     cfg.core_evalset = CoreEvalsetConfig(url=None)
     cfg.chat_evalset = ChatEvalsetConfig(source="pypi", spellingbee_items=64)
     cfg.base_eval = BaseEvalConfig(max_per_task=40, bpb_tokens=16384, batch_size=4, sample_tokens=16)
+    cfg.chat_eval = ChatEvalConfig(max_per_task=32, max_new_tokens=64)
     return cfg
 
 

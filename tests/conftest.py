@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Nothing a test does may touch the user's ~/.cache/chatforge or ~/.prefect.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("CHATFORGE_EVAL_DIR", None)  # eval data comes only from what each test names
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -49,7 +49,16 @@ def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
         "--set", "tokenizer.report_max_chars=200000",
         "--set", "tokenizer.reference_encodings=[]",
         *SMALL_BASE,
+        *OFFLINE_EVALS,
     ]
+
+
+# Eval stages with no downloads (no CORE bundle, no Hub) and small budgets; tests point local_dir at files.
+OFFLINE_EVALS = [
+    "--set", "core_evalset.url=null", "--set", "chat_evalset.source=none", "--set", "chat_evalset.spellingbee_items=0",
+    "--set", "base_eval.max_per_task=2", "--set", "base_eval.bpb_tokens=1024", "--set", "base_eval.batch_size=4",
+    "--set", "base_eval.sample_tokens=4", "--set", "chat_eval.max_per_task=2", "--set", "chat_eval.max_new_tokens=8",
+]
 
 
 # A model small enough to train a few steps in seconds on one core.

@@ -262,8 +262,10 @@ def test_runs_without_any_prefect_server(reference, corpus, tmp_path):
 def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env, tmp_path):
     """kill -9 mid-`base`: the rerun resumes from the stage's last checkpoint, not from step 0."""
     store = fresh(reference, tmp_path)
+    core_dir, n_core = eval_dirs(tmp_path)
     args = [sys.executable, "-m", "flows.cli", "run", "--store", str(store), *sets_for(corpus),
-            "--set", "base.num_iterations=40", "--set", "base.checkpoint_every=5"]
+            "--set", "base.num_iterations=40", "--set", "base.checkpoint_every=5",
+            "--set", f"core_evalset.local_dir={core_dir}", "--set", f"chat_evalset.local_dir={tmp_path / 'chat'}"]
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _kill_when(proc, lambda: any((store / "wip").glob("*/step-00000010")), timeout=240)
@@ -283,3 +285,39 @@ def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env
     chat = cli(["chat", "--model", "base/latest", "--store", str(store), "-p", "Doc 1:", "--temperature", "0", "--max-tokens", "8"], env)
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip() and "first token after" in chat.stderr
+
+    # the evaluation stages ran on the same checkpoint, each named by what it covers
+    st = Store(str(store))
+    ev = st.get(st.resolve("base_eval/latest"))
+    assert ev.kind == "eval" and ev.parents["base"] == m.key and ev.metrics["score_name"] == f"CORE-{n_core} (partial)"
+    assert ev.metrics["core_tasks"] == n_core and 0 < ev.metrics["val_bpb"] < 10
+    assert {"core.json", "core_table.json", "report.md", "bpb.json", "samples.json"} <= set(ev.files)
+    chat_ev = st.get(st.resolve("chat_eval/latest"))
+    assert chat_ev.metrics["score_name"] == "ChatCORE-2 (partial)" and chat_ev.metrics["chat_tasks"] == 2
+    evalset = st.get(st.resolve("core_evalset/latest"))
+    assert evalset.kind == "evalset" and ev.parents["core_evalset"] == evalset.key
+    dec = st.get(st.resolve("decontam/latest"))
+    assert dec.metrics["sets"] == n_core + 2 and "decontam.md" in dec.files
+    scores = catalog.connect(st).execute("select final_score from runs where final_score is not null").fetchall()
+    assert scores and scores[-1][0] == pytest.approx(chat_ev.metrics["score"])
+
+
+def eval_dirs(tmp_path: Path) -> tuple[Path, int]:
+    """A CORE directory (the 18 shared tasks, else 3 hand-made ones) and a chat directory with ARC-Easy and GSM8K items."""
+    from helpers import SHARED_DATA
+
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    (chat / "arc_easy.jsonl").write_text("".join(json.dumps(
+        {"id": f"a{i}", "question": f"Pick {w}.", "choices": ["red", w, "blue", "cat"], "answer": 1, "subject": ""}) + "\n"
+        for i, w in enumerate(["sun", "moon", "star"])))
+    (chat / "gsm8k.jsonl").write_text(json.dumps({"question": "1 + 2?", "answer": "1 + 2 = 3\n#### 3"}) + "\n")
+    if (SHARED_DATA / "eval" / "core").is_dir():
+        return SHARED_DATA / "eval" / "core", 18
+    core = tmp_path / "core"
+    core.mkdir()
+    (core / "copa.jsonl").write_text(json.dumps({"query": "The man fell", "choices": ["because he slipped", "so he ate"], "gold": 0}) + "\n"
+                                     + json.dumps({"query": "It rained", "choices": ["so we got wet", "so we got dry"], "gold": 0}) + "\n")
+    (core / "lambada_openai.jsonl").write_text(json.dumps({"context": "One two three", "continuation": "four"}) + "\n")
+    (core / "winograd_wsc.jsonl").write_text(json.dumps({"context_options": ["A ran", "B ran"], "continuation": "fast", "gold": 0}) + "\n")
+    return core, 3

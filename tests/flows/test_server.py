@@ -64,7 +64,8 @@ def test_trigger_pipeline_deployment_through_the_api(tmp_path):
         state = _wait(finished, 240, "the triggered flow run")
         assert state["type"] == "COMPLETED", (tmp_path / "server.log").read_text()[-3000:]
         tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}, timeout=5).json()
-        assert sorted(t["name"].split("-")[0] for t in tasks) == ["base", "data", "tokenizer"]
+        assert sorted(t["name"].split("-")[0] for t in tasks) == [
+            "base", "base_eval", "chat_eval", "chat_evalset", "core_evalset", "data", "decontam", "tokenizer"]
         refs = json.loads((store / "refs" / "tokenizer" / "latest.json").read_text())
         assert (store / "artifacts" / refs["key"] / "manifest.json").exists()
         assert (store / "ledger" / run["id"]).is_dir()  # ledger rows carry the Prefect flow run id
