@@ -61,15 +61,15 @@ def main() -> int:
         return 1
     print(f"device {rt.device_name()}, model {args.model}: depth {model.config.n_layer}, width {model.config.n_embd}, "
           f"context {model.config.sequence_len}, {args.items} items per row")
-    print(f"{'row':<44} {'items':>6} {'seconds':>8} {'items/s':>9}")
+    print(f"{'row':<52} {'items':>6} {'seconds':>8} {'items/s':>9}")
 
     def row(name: str, n: int, seconds: float) -> None:
-        print(f"{name:<44} {n:>6} {seconds:>8.2f} {n / seconds:>9.1f}", flush=True)
+        print(f"{name:<52} {n:>6} {seconds:>8.2f} {n / seconds:>9.1f}", flush=True)
 
     core = _sets(store, args.core_evalset)
     task = next((t for t in core_eval.TASKS if t.dataset in MC_PREFERENCE and core.get(t.dataset)), None)
     if task is None:
-        print(f"{'CORE multiple choice':<44} not run: no CORE multiple-choice set in {args.core_evalset}")
+        print(f"{'CORE multiple choice':<52} not run: no CORE multiple-choice set in {args.core_evalset}")
     else:
         items = core[task.dataset]
         with rt.autocast():
@@ -81,7 +81,7 @@ def main() -> int:
     for name, kind in (("mmlu", "categorical"), ("arc_easy", "categorical"), ("gsm8k", "generative")):
         items = chat.get(name)
         if not items:
-            print(f"{'chat ' + name:<44} not run: not in {args.chat_evalset}")
+            print(f"{'chat ' + name:<52} not run: not in {args.chat_evalset}")
             continue
         if kind == "categorical" and name == "arc_easy" and chat.get("mmlu"):
             continue

@@ -148,7 +148,7 @@ def check(train_texts: Iterable[str], sets: dict[str, list[str]], n: int = 13, m
     if progress:
         from tqdm import tqdm  # only needed for the bar
 
-        train_texts = tqdm(train_texts, desc=f"{n}-gram decontamination", unit="doc", file=sys.stderr)
+        train_texts = tqdm(train_texts, desc=f"{n}-gram decontamination", unit="doc", file=sys.stderr, mininterval=2)
     for text in train_texts:
         index.scan(text)
     return index.report()

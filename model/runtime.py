@@ -68,7 +68,7 @@ def init(device: str = "auto") -> Runtime:
     if device == "cuda" and not torch.cuda.is_available():
         from .errors import InputError
 
-        raise InputError("base.device is 'cuda' but no CUDA device is visible: use --set base.device=auto or cpu")
+        raise InputError("device is 'cuda' but no CUDA device is visible: set the stage's device to auto or cpu (e.g. --set base.device=auto)")
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
