@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline; finished stages come from the store")
     _config_args(run)
-    run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs only what it needs)")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs only what it needs; `--dry-run` lists the stages)")
     run.add_argument("--force", metavar="STAGE", action="append", default=[], help="recompute this stage even if cached (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached, run nothing")
 
@@ -239,6 +239,7 @@ def cmd_server(args) -> int:
 
 def cmd_artifacts(args) -> int:
     from artifacts.store import Store
+    from flows.overrides import ConfigError
 
     store = Store(args.store)
     if args.acmd == "ls":

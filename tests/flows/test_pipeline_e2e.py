@@ -165,6 +165,12 @@ def test_two_identical_runs_together_compute_each_stage_once(corpus, env, tmp_pa
         assert sorted(hit for s, hit, _ in rows if s == stage) == [False, True], rows
 
 
+def test_show_report_prints_the_markdown_tables(reference, env):
+    r = cli(["artifacts", "show", "tokenizer/latest", "--report", "--store", str(reference[0])], env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("## tokenizer ") and "compression.md" in r.stdout and "| GPT-2" not in r.stderr
+
+
 def test_duckdb_query_returns_the_runs_ledger_rows(reference, env):
     store, keys = reference
     con = catalog.connect(Store(str(store)))
@@ -215,6 +221,7 @@ def test_bad_data_is_one_line_and_store_untouched(kind, message, reference, env,
     (["run", "--until", "sft"], "unknown stage 'sft'"),
     (["stage", "nonsense"], "unknown stage 'nonsense'"),
     (["run", "--store", "ftpx://host/store"], "unknown store scheme 'ftpx'"),
+    (["artifacts", "show", "data/latest", "--report"], "has no markdown report"),
 ])
 def test_bad_cli_input_is_one_line(args, message, reference, env, tmp_path):
     store = fresh(reference, tmp_path)
