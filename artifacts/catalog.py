@@ -1,4 +1,4 @@
-"""DuckDB over the store's files: tables `artifacts`, `stage_runs` and `runs`.
+"""DuckDB over the store's files: tables `artifacts`, `stage_runs`, `runs` and `evals`.
 
 In-memory and rebuilt on demand: the JSON files in the store are the truth, DuckDB only reads them.
 """
@@ -19,6 +19,10 @@ _ARTIFACT_COLUMNS = {
     "wall_seconds": "DOUBLE", "config": "JSON", "parents": "JSON", "metrics": "JSON", "files": "JSON", "code": "JSON",
 }
 _RUN_COLUMNS = {"run_id": "VARCHAR", "preset": "VARCHAR", "started": "TIMESTAMPTZ", "host": "VARCHAR", "config": "JSON"}
+# evals.json of an eval artifact: one row per (task, metric); suite names what the task belongs to
+# ("CORE-18 (partial)", "ChatCORE", "bpb"); a task that did not run has status "not run: data unavailable"
+_EVAL_COLUMNS = {"suite": "VARCHAR", "task": "VARCHAR", "metric": "VARCHAR", "value": "DOUBLE", "n": "INTEGER",
+                 "status": "VARCHAR"}
 
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
@@ -28,6 +32,14 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     _table(con, store, "artifacts", store._p("artifacts", "*", "manifest.json"), _ARTIFACT_COLUMNS)
     _table(con, store, "stage_runs", store._p("ledger", "*", "*.json"), _STAGE_RUN_COLUMNS)
     _table(con, store, "run_info", store._p("runs", "*.json"), _RUN_COLUMNS)
+    _table(con, store, "eval_rows", store._p("artifacts", "*", "evals.json"), _EVAL_COLUMNS, filename=True)
+    con.execute(
+        """
+        CREATE VIEW evals AS
+        SELECT a.key, a.stage, a.created, e.suite, e.task, e.metric, e.value, e.n, e.status
+        FROM eval_rows e JOIN artifacts a ON regexp_extract(e.filename, '([0-9a-f]{64})[/\\\\]evals\\.json$', 1) = a.key
+        """
+    )
     # final_score: the headline score of the run's last stage that reports one (none before eval stages exist)
     con.execute(
         """
@@ -50,8 +62,8 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _table(con, store: Store, name: str, pattern: str, columns: dict[str, str]) -> None:
-    cols = ", ".join(f'"{c}" {t}' for c, t in columns.items())
+def _table(con, store: Store, name: str, pattern: str, columns: dict[str, str], filename: bool = False) -> None:
+    cols = ", ".join(f'"{c}" {t}' for c, t in {**columns, **({"filename": "VARCHAR"} if filename else {})}.items())
     try:
         found = store.fs.glob(pattern)
     except FileNotFoundError:
@@ -61,7 +73,8 @@ def _table(con, store: Store, name: str, pattern: str, columns: dict[str, str]) 
         return
     url = pattern if store.local else f"{_protocol(store)}://{pattern.lstrip('/')}"
     spec = "{" + ", ".join(f"'{c}': '{t}'" for c, t in columns.items()) + "}"
-    con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_json('{url}', columns={spec}, format='auto')")
+    extra = ", filename=true" if filename else ""
+    con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_json('{url}', columns={spec}, format='auto'{extra})")
 
 
 def _protocol(store: Store) -> str:

@@ -6,8 +6,9 @@
 spec.json: {"config": BaseEvalConfig, "checkpoint_dir", "dataset_dir", "evalset_dir", "out_dir", "metrics_path"}.
 
 Writes into out_dir: `core.json` (every task's row and the aggregate), `core_table.json` (the rows as a
-table for Prefect), `report.md`, `bpb.json` (train and val bits per byte on the first `bpb_tokens` tokens
-of each split) and `samples.json` (greedy continuations of the fixed prompts).
+table for Prefect), `evals.json` (long-format rows for DuckDB's `evals`), `report.md`, `bpb.json` (train
+and val bits per byte on the first `bpb_tokens` tokens of each split) and `samples.json` (greedy
+continuations of the fixed prompts).
 
 The task list is the evalset's core.yaml when it has one, else the built-in 22 tasks; baselines are the
 evalset's eval_meta_data.csv when present, else derived from the items. A task without data is
@@ -145,6 +146,9 @@ def evaluate(spec: dict) -> dict:
         (out_dir / "bpb.json").write_text(json.dumps(bpb, indent=1, sort_keys=True))
         (out_dir / "samples.json").write_text(json.dumps(sampled, indent=1, ensure_ascii=False))
         (out_dir / "report.md").write_text(markdown(core, bpb))
+        bpb_rows = [{"suite": "bpb", "task": split, "metric": "bpb", "value": bpb[f"{split}_bpb"], "n": bpb["tokens"],
+                     "status": "ok"} for split in ("train", "val")]
+        (out_dir / "evals.json").write_text(json.dumps(core_eval.eval_rows(core) + bpb_rows, indent=1))
         if spec.get("metrics_path"):
             Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
     runtime.shutdown(rt)

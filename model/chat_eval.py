@@ -390,6 +390,9 @@ def evaluate(spec: dict) -> dict:
         (out / "chat_eval.json").write_text(json.dumps(result, indent=1, sort_keys=True))
         (out / "chat_table.json").write_text(json.dumps(table(result), indent=1))
         (out / "report.md").write_text(markdown(result, cfg.checkpoint))
+        from .core_eval import eval_rows
+
+        (out / "evals.json").write_text(json.dumps(eval_rows(result), indent=1))
         if spec.get("metrics_path"):
             Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
     runtime.shutdown(rt)

@@ -422,3 +422,19 @@ def evaluate_core(model, tok, data_dir: str | Path, device="cpu", max_per_task: 
     agg = {"name": name, "value": value, "tasks": covered,
            "missing": [label for label, r in rows.items() if r["status"] != "ok"]}
     return {"tasks": rows, "aggregate": agg, name: value}
+
+
+def eval_rows(result: dict) -> list[dict]:
+    """The long-format rows (suite, task, metric, value, n, status) of a suite result shaped like
+    `evaluate_core`'s (also ChatCORE's): what an eval artifact's evals.json holds for the DuckDB `evals` table."""
+    agg = result["aggregate"]
+    rows = []
+    for task, r in result["tasks"].items():
+        if r["status"] != "ok":
+            rows.append({"suite": agg["name"], "task": task, "metric": "centered", "value": None, "n": None, "status": r["status"]})
+            continue
+        rows += [{"suite": agg["name"], "task": task, "metric": m, "value": r[m], "n": r["n"], "status": "ok"}
+                 for m in ("accuracy", "centered")]
+    rows.append({"suite": agg["name"], "task": agg["name"], "metric": "mean_centered", "value": agg["value"],
+                 "n": len(agg["tasks"]), "status": "ok" if agg["value"] is not None else NOT_RUN})
+    return rows

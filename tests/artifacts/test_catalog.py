@@ -16,7 +16,7 @@ def _row(run, stage, hit, seconds, device="cpu", devices=1, price=0.0, metrics=N
 
 def test_empty_store_has_empty_tables(tmp_path):
     con = catalog.connect(Store(str(tmp_path)))
-    for table in ("artifacts", "stage_runs", "runs"):
+    for table in ("artifacts", "stage_runs", "runs", "evals"):
         assert con.execute(f"select count(*) from {table}").fetchone()[0] == 0
 
 
@@ -52,3 +52,21 @@ def test_failed_rows_are_costed(tmp_path):
     ledger.append(store, _row("r3", "base", False, 1800.0, device="H100", devices=8, price=3.0, status="failed"))
     con = catalog.connect(store)
     assert con.execute("select failures, cost_usd from runs").fetchone() == (1, 12.0)
+
+
+def test_evals_table_reads_each_eval_artifacts_rows(tmp_path):
+    import json
+
+    store = Store(str(tmp_path))
+    rows = [{"suite": "CORE-2 (partial)", "task": "copa", "metric": "centered", "value": 0.1, "n": 40, "status": "ok"},
+            {"suite": "CORE-2 (partial)", "task": "squad", "metric": "centered", "value": None, "n": None,
+             "status": "not run: data unavailable"}]
+    for key, stage, body in (("a" * 64, "base_eval", rows), ("b" * 64, "tokenizer", None)):
+        with store.staging(key) as tmp:
+            if body is not None:
+                (tmp / "evals.json").write_text(json.dumps(body))
+            store.commit(tmp, Manifest(key=key, kind="eval", stage=stage, config={}, parents={}, code={}, metrics={}, wall_seconds=1.0))
+    con = catalog.connect(store)
+    got = con.execute("select key, stage, suite, task, metric, value, n, status from evals order by task").fetchall()
+    assert got == [("a" * 64, "base_eval", "CORE-2 (partial)", "copa", "centered", 0.1, 40, "ok"),
+                   ("a" * 64, "base_eval", "CORE-2 (partial)", "squad", "centered", None, None, "not run: data unavailable")]

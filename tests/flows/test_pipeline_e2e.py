@@ -305,8 +305,15 @@ def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env
     assert evalset.kind == "evalset" and ev.parents["core_evalset"] == evalset.key
     dec = st.get(st.resolve("decontam/latest"))
     assert dec.metrics["sets"] == n_core + 2 and "decontam.md" in dec.files
-    scores = catalog.connect(st).execute("select final_score from runs where final_score is not null").fetchall()
+    con = catalog.connect(st)
+    scores = con.execute("select final_score from runs where final_score is not null").fetchall()
     assert scores and scores[-1][0] == pytest.approx(chat_ev.metrics["score"])
+    per_task = con.execute("select task, value from evals where stage = 'base_eval' and metric = 'centered' and status = 'ok'").fetchall()
+    assert len(per_task) == n_core
+    missing = con.execute("select count(*) from evals where stage = 'base_eval' and status = 'not run: data unavailable'").fetchone()[0]
+    assert missing == 22 - n_core
+    bpb = con.execute("select value from evals where suite = 'bpb' and task = 'val'").fetchone()[0]
+    assert bpb == pytest.approx(ev.metrics["val_bpb"])
 
 
 def eval_dirs(tmp_path: Path) -> tuple[Path, int]:

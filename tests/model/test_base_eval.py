@@ -66,6 +66,10 @@ def test_base_eval_writes_a_partial_core_and_bpb(tiny_checkpoint, evalset, tmp_p
     table = json.loads((tmp_path / "out/core_table.json").read_text())
     assert len(table) == 22 and {r["task"] for r in table if r["status"] == "ok"} == {"copa", "winograd", "lambada_openai"}
     assert len(json.loads((tmp_path / "out/samples.json").read_text())) > 0
+    rows = json.loads((tmp_path / "out/evals.json").read_text())
+    assert {r["task"] for r in rows if r["metric"] == "centered" and r["status"] == "ok"} == {"copa", "winograd", "lambada_openai"}
+    assert [r["value"] for r in rows if r["metric"] == "mean_centered"] == [pytest.approx(metrics["score"])]
+    assert [r["value"] for r in rows if r["suite"] == "bpb"] == [bpb["train_bpb"], bpb["val_bpb"]]
 
 
 def test_two_ranks_give_the_one_process_result(tiny_checkpoint, evalset, tmp_path):

@@ -52,6 +52,9 @@ def test_all_six_tasks_make_chatcore(tiny_checkpoint, tmp_path):
     report = (tmp_path / "out/report.md").read_text()
     assert report.startswith("**ChatCORE:") and "checkpoint: base" in report
     assert len(json.loads((tmp_path / "out/chat_table.json").read_text())) == 6
+    evals = json.loads((tmp_path / "out/evals.json").read_text())
+    assert sum(r["metric"] == "centered" and r["status"] == "ok" for r in evals) == 6
+    assert [r["suite"] for r in evals if r["metric"] == "mean_centered"] == ["ChatCORE"]
 
 
 def test_missing_sets_make_a_partial_suite_and_ranks_agree(tiny_checkpoint, tmp_path):
