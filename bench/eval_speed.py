@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts.store import Store  # noqa: E402
 from model import chat_eval, core_eval  # noqa: E402
+from model.core_tasks import TASKS  # noqa: E402
 from model.evalsets import load_sets  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.runtime import init  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> int:
         print(f"{name:<52} {n:>6} {seconds:>8.2f} {n / seconds:>9.1f}", flush=True)
 
     core = _sets(store, args.core_evalset)
-    task = next((t for t in core_eval.TASKS if t.dataset in MC_PREFERENCE and core.get(t.dataset)), None)
+    task = next((t for t in TASKS if t.dataset in MC_PREFERENCE and core.get(t.dataset)), None)
     if task is None:
         print(f"{'CORE multiple choice':<52} not run: no CORE multiple-choice set in {args.core_evalset}")
     else:

@@ -17,70 +17,43 @@ evalset's eval_meta_data.csv when present, else derived from the items. A task w
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-from pydantic import ValidationError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from . import core_eval, runtime
+from .core_tasks import NOT_RUN, TASKS, eval_rows, load_baselines, load_task_list
 from .bpb import evaluate_bpb
 from .config import BaseEvalConfig
-from .errors import InputError
 from .load import load_model
 from .loader import iter_eval_batches
 from .train_base import samples
 
 
-def _config(raw: dict) -> BaseEvalConfig:
-    try:
-        return BaseEvalConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"bad value for base_eval.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
-
-
-def run_core(model, tok, evalset_dir: Path, max_per_task: int | None, rt: runtime.Runtime, scorer=None) -> dict:
+def run_core(model, tok, evalset_dir: Path, max_per_task: int | None, rt: runtime.Runtime) -> dict:
     """Every CORE task of the evalset artifact, items split over ranks; rows for missing tasks say so."""
     evalset_dir = Path(evalset_dir)
     yaml_path, csv_path = evalset_dir / "core.yaml", evalset_dir / "eval_meta_data.csv"
-    tasks = core_eval.load_task_list(yaml_path) if yaml_path.exists() else core_eval.TASKS
-    baselines = core_eval.load_baselines(csv_path) if csv_path.exists() else {}
+    tasks = load_task_list(yaml_path) if yaml_path.exists() else TASKS
     meta = json.loads((evalset_dir / "sets.json").read_text())
-    scorer = scorer if scorer is not None else core_eval.ModelScorer(model, rt.device)
-
-    def reduce(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=rt.device)
-        return rt.all_reduce_sum(t).tolist()
-
-    present = {t.label: core_eval.load_items(evalset_dir / "sets" / f"{t.dataset}.jsonl")
-               for t in tasks if meta.get(t.dataset, {}).get("status") == "ok"}
-    total = sum(min(len(v), max_per_task or len(v)) for v in present.values())
-    bar = tqdm(total=total, desc="CORE", unit="item", disable=not rt.main, mininterval=2, file=sys.stderr)
-    rows = {}
-    for task in tasks:
-        if task.label not in present:
-            rows[task.label] = {"task": task.label, "status": core_eval.NOT_RUN}
-            continue
-        t0 = time.perf_counter()
-        row = core_eval.evaluate_task(model, tok, present[task.label], task, rt.device, max_per_task, scorer=scorer,
-                                      baseline=baselines.get(task.label), rank=rt.rank, world_size=rt.world_size,
-                                      reduce=reduce if rt.distributed else None,
-                                      progress=lambda n: bar.update(n * rt.world_size))
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        row["items_sha256"] = meta[task.dataset]["sha256"]
-        rows[task.label] = row
-        bar.set_postfix(task=task.label, centered=f"{row['centered']:.3f}", refresh=False)
+    present = [meta[t.dataset]["items"] for t in tasks if meta.get(t.dataset, {}).get("status") == "ok"]
+    bar = tqdm(total=sum(min(n, max_per_task or n) for n in present), desc="CORE", unit="item", disable=not rt.main,
+               mininterval=2, file=sys.stderr)
+    core = core_eval.evaluate_core(model, tok, evalset_dir / "sets", rt.device, max_per_task,
+                                   load_baselines(csv_path) if csv_path.exists() else None, tasks=tasks,
+                                   rank=rt.rank, world_size=rt.world_size,
+                                   reduce=rt.sum_across_ranks if rt.distributed else None,
+                                   progress=lambda n: bar.update(n * rt.world_size))
     bar.close()
-    covered = [label for label, r in rows.items() if r["status"] == "ok"]
-    name = core_eval.aggregate_name(covered) if len(tasks) == len(core_eval.TASKS) else f"CORE-{len(covered)} (partial)"
-    value = sum(rows[label]["centered"] for label in covered) / len(covered) if covered else None
-    return {"tasks": rows, "aggregate": {"name": name, "value": value, "tasks": covered,
-                                         "missing": [label for label, r in rows.items() if r["status"] != "ok"]}}
+    for task in tasks:
+        row = core["tasks"][task.label]
+        if row["status"] == "ok":
+            row["file"] = f"sets/{task.dataset}.jsonl"  # within the evalset artifact, whose key names the items
+            row["items_sha256"] = meta[task.dataset]["sha256"]
+    return core
 
 
 def table(core: dict) -> list[dict]:
@@ -98,7 +71,7 @@ def table(core: dict) -> list[dict]:
 
 def markdown(core: dict, bpb: dict) -> str:
     agg = core["aggregate"]
-    head = f"**{agg['name']}: {agg['value']:.4f}**" if agg["value"] is not None else f"**CORE: {core_eval.NOT_RUN}**"
+    head = f"**{agg['name']}: {agg['value']:.4f}**" if agg["value"] is not None else f"**CORE: {NOT_RUN}**"
     lines = [head, "", f"train bpb {bpb['train_bpb']:.4f} · val bpb {bpb['val_bpb']:.4f} ({bpb['tokens']:,} tokens each)", "",
              "| task | type | shots | items | accuracy | baseline % | centered |", "|---|---|---|---|---|---|---|"]
     for r in table(core):
@@ -113,7 +86,7 @@ def markdown(core: dict, bpb: dict) -> str:
 
 
 def evaluate(spec: dict) -> dict:
-    cfg = _config(spec["config"])
+    cfg = runtime.parse_config(BaseEvalConfig, spec["config"], "base_eval")
     out_dir = Path(spec["out_dir"])
     rt = runtime.init(cfg.device)
     model, tok = load_model(Path(spec["checkpoint_dir"]), rt.device)
@@ -148,26 +121,13 @@ def evaluate(spec: dict) -> dict:
         (out_dir / "report.md").write_text(markdown(core, bpb))
         bpb_rows = [{"suite": "bpb", "task": split, "metric": "bpb", "value": bpb[f"{split}_bpb"], "n": bpb["tokens"],
                      "status": "ok"} for split in ("train", "val")]
-        (out_dir / "evals.json").write_text(json.dumps(core_eval.eval_rows(core) + bpb_rows, indent=1))
-        if spec.get("metrics_path"):
-            Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
+        (out_dir / "evals.json").write_text(json.dumps(eval_rows(core) + bpb_rows, indent=1))
     runtime.shutdown(rt)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m model.base_eval SPEC.json", file=sys.stderr)
-        return 2
-    try:
-        metrics = evaluate(json.loads(Path(args[0]).read_text()))
-    except InputError as e:
-        print(f"base_eval: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(metrics, sort_keys=True))
-    return 0
+    return runtime.main("base_eval", "model.base_eval", evaluate, argv)
 
 
 if __name__ == "__main__":

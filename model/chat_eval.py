@@ -41,19 +41,28 @@ the mean centered accuracy of the tasks that ran, named ``"ChatCORE"`` only when
 """
 from __future__ import annotations
 
+import json
 import random
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
+from tqdm import tqdm
 
+from . import runtime
 from .chat_tasks import (CATEGORICAL, GENERATIVE, LETTERS, TASK_NAMES, gold_response, gsm8k_answer,
                          humaneval_program, mc_letters, numbers_equal, spelling_answer, user_message)
+from .config import ChatEvalConfig
 from .conversation import render_for_completion
+from .core_tasks import NOT_RUN, eval_rows, select, suite_result
 from .errors import InputError
+from .evalsets import load_sets
+from .load import load_model
+from .sandbox import isolation
 
-SHUFFLE_SEED = 1337
-NOT_RUN = "not run: data unavailable"
 SANDBOX_STATUSES = ("passed", "failed", "timeout", "memory", "refused", "error")
 ANSWER_STATUSES = ("correct", "wrong", "no_answer")
 CHOICE_COUNTS = range(2, len(LETTERS) + 1)
@@ -183,15 +192,6 @@ class UniformAnswerer:
 
 # ---------------------------------------------------------------- evaluation
 
-def select(n_items: int, max_items: int | None, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The item indices rank `rank` evaluates (see "Selection" in the module doc)."""
-    order = list(range(n_items))
-    if max_items is not None and max_items < n_items:
-        random.Random(SHUFFLE_SEED).shuffle(order)
-        order = order[:max_items]
-    return order[rank::world_size]
-
-
 def _score_generative(task: str, items: list[dict], replies: list[str], timeout: float, memory_mb: int,
                       workers: int) -> list[str]:
     """One status per item; "passed" (HumanEval) or "correct" counts as right."""
@@ -284,12 +284,7 @@ def evaluate_chat(model, tok, items: Mapping[str, Sequence[dict] | None], *, ans
                                 max_tokens=max_tokens, rank=rank, world_size=world_size, all_reduce=all_reduce,
                                 timeout=timeout, memory_mb=memory_mb, workers=workers)
             for task in TASK_NAMES}
-    covered = [task for task, row in rows.items() if row["status"] == "ok"]
-    name = aggregate_name(covered)
-    value = sum(rows[task]["centered"] for task in covered) / len(covered) if covered else None
-    aggregate = {"name": name, "value": value, "tasks": covered,
-                 "missing": [task for task, row in rows.items() if row["status"] != "ok"]}
-    return {"tasks": rows, "aggregate": aggregate, name: value}
+    return suite_result(rows, aggregate_name)
 
 
 # ---------------------------------------------------------------- the `chat_eval` stage's entry point
@@ -327,30 +322,10 @@ def markdown(result: dict, checkpoint: str) -> str:
 
 
 def evaluate(spec: dict) -> dict:
-    import json
-    import sys
-    import time
-    from pathlib import Path
-
-    from pydantic import ValidationError
-    from tqdm import tqdm
-
-    from . import runtime
-    from .config import ChatEvalConfig
-    from .evalsets import load_sets
-    from .load import load_model
-
-    try:
-        cfg = ChatEvalConfig.model_validate(spec["config"])
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"bad value for chat_eval.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
+    cfg = runtime.parse_config(ChatEvalConfig, spec["config"], "chat_eval")
     rt = runtime.init(cfg.device)
     model, tok = load_model(Path(spec["checkpoint_dir"]), rt.device)
     sets = load_sets(Path(spec["evalset_dir"]))
-
-    def all_reduce(values: list[float]) -> list[float]:
-        return rt.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=rt.device)).tolist()
 
     rows, seconds = {}, {}
     for task in TASK_NAMES:
@@ -362,7 +337,7 @@ def evaluate(spec: dict) -> dict:
         with rt.autocast():
             rows[task] = evaluate_task(answerer, tok, task, items, max_items=cfg.max_per_task, max_tokens=cfg.max_new_tokens,
                                        rank=rt.rank, world_size=rt.world_size,
-                                       all_reduce=all_reduce if rt.distributed else None,
+                                       all_reduce=rt.sum_across_ranks if rt.distributed else None,
                                        timeout=cfg.humaneval_timeout, memory_mb=cfg.humaneval_memory_mb)
         bar.close()
         seconds[task] = round(time.perf_counter() - t0, 3)
@@ -372,14 +347,10 @@ def evaluate(spec: dict) -> dict:
                 r = rows[task]
                 print(f"chat_eval: {task}: {r['correct']}/{r['n']} = {r['accuracy']:.4f} (centered {r['centered']:.4f}) "
                       f"in {seconds[task]:.1f} s", file=sys.stderr, flush=True)
-    covered = [t for t, r in rows.items() if r["status"] == "ok"]
-    name = aggregate_name(covered)
-    value = sum(rows[t]["centered"] for t in covered) / len(covered) if covered else None
-    result = {"tasks": rows, "aggregate": {"name": name, "value": value, "tasks": covered,
-                                           "missing": [t for t in TASK_NAMES if t not in covered]}, "checkpoint": cfg.checkpoint}
-    from .sandbox import isolation
-
-    metrics = {"score": value, "score_name": name, "chat_tasks": len(covered), "chat_missing": result["aggregate"]["missing"],
+    result = {**suite_result(rows, aggregate_name), "checkpoint": cfg.checkpoint}
+    agg = result["aggregate"]
+    name, value, covered = agg["name"], agg["value"], agg["tasks"]
+    metrics = {"score": value, "score_name": name, "chat_tasks": len(covered), "chat_missing": agg["missing"],
                "checkpoint": cfg.checkpoint, "device_type": rt.device_type(), "world_size": rt.world_size,
                **{f"{t}_accuracy": rows[t]["accuracy"] for t in covered},
                "items_per_s": {t: rows[t]["n"] / seconds[t] for t in covered if seconds[t] > 0},
@@ -390,36 +361,14 @@ def evaluate(spec: dict) -> dict:
         (out / "chat_eval.json").write_text(json.dumps(result, indent=1, sort_keys=True))
         (out / "chat_table.json").write_text(json.dumps(table(result), indent=1))
         (out / "report.md").write_text(markdown(result, cfg.checkpoint))
-        from .core_eval import eval_rows
-
         (out / "evals.json").write_text(json.dumps(eval_rows(result), indent=1))
-        if spec.get("metrics_path"):
-            Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
     runtime.shutdown(rt)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-    import os
-    import sys
-    from pathlib import Path
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m model.chat_eval SPEC.json", file=sys.stderr)
-        return 2
-    try:
-        metrics = evaluate(json.loads(Path(args[0]).read_text()))
-    except InputError as e:
-        print(f"chat_eval: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(metrics, sort_keys=True))
-    return 0
+    return runtime.main("chat_eval", "model.chat_eval", evaluate, argv)
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

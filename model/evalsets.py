@@ -32,11 +32,11 @@ import re
 import tomllib
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from . import pypi
 from .config import ChatEvalsetConfig, CoreEvalsetConfig
-from .core_eval import NOT_RUN, TASKS
+from .core_tasks import NOT_RUN, TASKS
 from .errors import InputError
 
 EVAL_DIR_ENV = "CHATFORGE_EVAL_DIR"
@@ -150,7 +150,7 @@ def build_core(cfg: CoreEvalsetConfig, out_dir: Path, download_dir: Path, log=pr
             sets[task.dataset] = {"status": NOT_RUN, "reason": "not in the source" if root else "no source configured"}
             continue
         data = src.read_bytes()
-        n = _check_jsonl(data, src)
+        n = len(_jsonl_records(data, str(src)))
         (sets_dir / src.name).write_bytes(data)
         sets[task.dataset] = {"status": "ok", "items": n, "sha256": hashlib.sha256(data).hexdigest(), "source": source}
     return _finish(out_dir, sets, log)
@@ -287,9 +287,6 @@ def _jsonl_records(data: bytes, where: str) -> list[dict]:
     return out
 
 
-def _check_jsonl(data: bytes, where: Path) -> int:
-    return len(_jsonl_records(data, str(where)))
-
 
 def _normalize(name: str, records: list[dict], where: str) -> list[dict]:
     convert: Callable[[dict, str], dict] = {"gsm8k": _gsm8k, "humaneval": _humaneval, "spellingbee": _spelling}.get(name, _mc)
@@ -376,9 +373,3 @@ def load_sets(artifact_dir: Path) -> dict[str, list[dict] | None]:
     return {name: (_jsonl_records((artifact_dir / "sets" / f"{name}.jsonl").read_bytes(), name)
                    if info["status"] == "ok" else None) for name, info in meta.items()}
 
-
-def iter_set_files(artifact_dir: Path) -> Iterator[tuple[str, Path]]:
-    meta = json.loads((Path(artifact_dir) / "sets.json").read_text())
-    for name, info in sorted(meta.items()):
-        if info["status"] == "ok":
-            yield name, Path(artifact_dir) / "sets" / f"{name}.jsonl"

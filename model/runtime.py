@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,10 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def sum_across_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks of a few counts (float64, so integer counts stay exact)."""
+        return self.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
 
 def init(device: str = "auto") -> Runtime:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device and join the process group."""
@@ -79,6 +84,46 @@ def init(device: str = "auto") -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Runtime(rank, world, local, dev)
+
+
+def parse_config(cls, raw: dict, section: str):
+    """`cls.model_validate(raw)`, a validation failure as a one-line InputError naming `section.field`."""
+    from pydantic import ValidationError
+
+    from .errors import InputError
+
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InputError(f"bad value for {section}.{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def main(stage: str, module: str, run: Callable[[dict], dict], argv: list[str] | None = None) -> int:
+    """A stage's entry point `python -m <module> spec.json`: run(spec) → metrics, which rank 0 writes to the
+    spec's `metrics_path` and prints; an InputError is one `<stage>: error: ...` line and exit status 1."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from .errors import InputError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(f"usage: python -m {module} SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    try:
+        metrics = run(spec)
+    except InputError as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        if spec.get("metrics_path"):
+            Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
+        print(json.dumps(metrics, sort_keys=True))
+    return 0
 
 
 def shutdown(rt: Runtime) -> None:

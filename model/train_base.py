@@ -13,7 +13,6 @@ N processes reproduce one process (up to float rounding), and a resume may chang
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sys
@@ -21,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -75,17 +73,8 @@ class _Stop:
         self.requested = True
 
 
-def _config(raw: dict) -> BaseConfig:
-    try:
-        return BaseConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise InputError(f"bad value for base.{where}: {err['msg']} (got {err.get('input')!r})") from None
-
-
 def train(spec: dict) -> dict:
-    cfg = _config(spec["config"])
+    cfg = runtime.parse_config(BaseConfig, spec["config"], "base")
     dataset_dir, tokenizer_dir = Path(spec["dataset_dir"]), Path(spec["tokenizer_dir"])
     out_dir, wip = Path(spec["out_dir"]), Path(spec["wip_dir"])
     rt = runtime.init(cfg.device)
@@ -218,8 +207,6 @@ def train(spec: dict) -> dict:
         (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1, ensure_ascii=False))
         # the tokenizer travels with the weights: a pulled checkpoint is all a chat needs
         shutil.copytree(tokenizer_dir, out_dir / "tokenizer", ignore=shutil.ignore_patterns("manifest.json", "compression.md"))
-        if spec.get("metrics_path"):
-            Path(spec["metrics_path"]).write_text(json.dumps(metrics, sort_keys=True))
     runtime.shutdown(rt)
     return metrics
 
@@ -258,18 +245,7 @@ def samples(model: GPT, tok: Tokenizer, max_tokens: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m model.train_base SPEC.json", file=sys.stderr)
-        return 2
-    try:
-        metrics = train(json.loads(Path(args[0]).read_text()))
-    except InputError as e:
-        print(f"base: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(metrics, sort_keys=True))
-    return 0
+    return runtime.main("base", "model.train_base", train, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ def compute(cfg: BaseEvalConfig, ctx: StageContext) -> dict:
 
 STAGE = StageDef(
     name="base_eval", kind="eval", section="base_eval", inputs=("data", "base", "core_evalset"),
-    code=("model.base_eval", "model.core_eval", "model.bpb", "model.loader", "model.load", "model.gpt",
-          "model.runtime", "model.tokenizer"),
+    code=("model.base_eval", "model.core_eval", "model.core_tasks", "model.bpb", "model.loader", "model.load",
+          "model.gpt", "model.runtime", "model.tokenizer", "model.train_base"),
     compute=compute, reports=("report.md",), tables=("core_table.json",),
     describe="CORE per task (centered accuracy; partial suites named by coverage), train/val bits-per-byte, samples.",
 )

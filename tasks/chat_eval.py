@@ -27,8 +27,8 @@ def compute(cfg: ChatEvalConfig, ctx: StageContext) -> dict:
 
 STAGE = StageDef(
     name="chat_eval", kind="eval", section="chat_eval", inputs=("base", "chat_evalset"),
-    code=("model.chat_eval", "model.chat_tasks", "model.sandbox", "model.engine", "model.conversation", "model.load",
-          "model.gpt", "model.runtime", "model.tokenizer", "model.calculator"),
+    code=("model.chat_eval", "model.chat_tasks", "model.core_tasks", "model.evalsets", "model.sandbox", "model.engine",
+          "model.conversation", "model.load", "model.gpt", "model.runtime", "model.tokenizer", "model.calculator"),
     compute=compute, reports=("report.md",), tables=("chat_table.json",),
     describe="Chat tasks (lettered MC by letter logits; GSM8K, HumanEval in a sandbox, SpellingBee by greedy generation) and ChatCORE.",
 )

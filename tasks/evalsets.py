@@ -2,41 +2,26 @@
 from __future__ import annotations
 
 from model.config import ChatEvalsetConfig, CoreEvalsetConfig
+from model.evalsets import build_chat, build_core, chat_fingerprint, core_fingerprint
 
 from .stage import StageContext, StageDef
 
 
 def _core(cfg: CoreEvalsetConfig, ctx: StageContext) -> dict:
-    from model.evalsets import build_core
-
     return build_core(cfg, ctx.out_dir, ctx.download_dir, log=ctx.log)
 
 
 def _chat(cfg: ChatEvalsetConfig, ctx: StageContext) -> dict:
-    from model.evalsets import build_chat
-
     return build_chat(cfg, ctx.out_dir, ctx.download_dir, log=ctx.log)
-
-
-def _core_fingerprint(cfg: CoreEvalsetConfig) -> dict:
-    from model.evalsets import core_fingerprint
-
-    return core_fingerprint(cfg)
-
-
-def _chat_fingerprint(cfg: ChatEvalsetConfig) -> dict:
-    from model.evalsets import chat_fingerprint
-
-    return chat_fingerprint(cfg)
 
 
 CORE = StageDef(
     name="core_evalset", kind="evalset", section="core_evalset", inputs=(),
-    code=("model.evalsets", "model.pypi"), compute=_core, fingerprint=_core_fingerprint,
+    code=("model.evalsets", "model.pypi", "model.core_tasks"), compute=_core, fingerprint=core_fingerprint,
     describe="The DCLM CORE task files (local directory or the bundle URL), hashed; missing tasks recorded as unavailable.",
 )
 CHAT = StageDef(
     name="chat_evalset", kind="evalset", section="chat_evalset", inputs=(),
-    code=("model.evalsets", "model.pypi", "model.sources", "model.chat_tasks"), compute=_chat, fingerprint=_chat_fingerprint,
+    code=("model.evalsets", "model.pypi", "model.sources", "model.chat_tasks"), compute=_chat, fingerprint=chat_fingerprint,
     describe="ARC-E/C, MMLU, GSM8K, HumanEval (Hub, pinned PyPI or local files) and synthetic SpellingBee, normalized and hashed.",
 )

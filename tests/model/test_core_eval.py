@@ -10,6 +10,7 @@ import torch
 
 from helpers import shared_data, small_bpe
 from model import core_eval as ce
+from model import core_tasks as ct
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import Tokenizer
 
@@ -74,32 +75,32 @@ def tiny_gpt(vocab: int, seq: int = 64, seed: int = 0) -> GPT:
 # ---------------------------------------------------------------- the task table
 
 def test_task_table_is_the_22_core_tasks():
-    labels = [t.label for t in ce.TASKS]
+    labels = [t.label for t in ct.TASKS]
     assert len(labels) == 22 == len(set(labels))
     assert set(labels) == set(SHARED_18) | set(MISSING_4)
-    assert set(ce.DCLM_BASELINES) == set(labels)
-    t = ce.TASKS_BY_LABEL
+    assert set(ct.DCLM_BASELINES) == set(labels)
+    t = ct.TASKS_BY_LABEL
     assert (t["jeopardy"].dataset, t["jeopardy"].kind, t["jeopardy"].shots, t["jeopardy"].delimiter) == \
-        ("jeopardy_all", ce.LM, 10, "\nAnswer: ")
-    assert (t["winograd"].dataset, t["winograd"].kind, t["winograd"].shots) == ("winograd_wsc", ce.SCHEMA, 0)
-    assert (t["agi_eval_lsat_ar"].kind, t["agi_eval_lsat_ar"].shots) == (ce.MC, 3)
+        ("jeopardy_all", ct.LM, 10, "\nAnswer: ")
+    assert (t["winograd"].dataset, t["winograd"].kind, t["winograd"].shots) == ("winograd_wsc", ct.SCHEMA, 0)
+    assert (t["agi_eval_lsat_ar"].kind, t["agi_eval_lsat_ar"].shots) == (ct.MC, 3)
     assert (t["hellaswag_zeroshot"].dataset, t["hellaswag_zeroshot"].shots) == ("hellaswag", 0)
     assert [t[x].shots for x in ("copa", "openbook_qa", "lambada_openai", "coqa", "winogrande")] == [0] * 5
-    assert all(task.delimiter == " " for task in ce.TASKS if task.label != "jeopardy")
+    assert all(task.delimiter == " " for task in ct.TASKS if task.label != "jeopardy")
 
 
 def test_baselines_derived_from_data_and_loaded_from_csv(tmp_path):
-    mc = ce.TASKS_BY_LABEL["arc_easy"]
-    assert ce.derived_baseline(mc, [{"query": "q", "choices": list("abcd"), "gold": 0}] * 3) == 25.0
-    assert ce.derived_baseline(mc, [{"query": "q", "choices": list("ab"), "gold": 0},
+    mc = ct.TASKS_BY_LABEL["arc_easy"]
+    assert ct.derived_baseline(mc, [{"query": "q", "choices": list("abcd"), "gold": 0}] * 3) == 25.0
+    assert ct.derived_baseline(mc, [{"query": "q", "choices": list("ab"), "gold": 0},
                                     {"query": "q", "choices": list("abcd"), "gold": 0}]) == pytest.approx(37.5)
-    assert ce.derived_baseline(ce.TASKS_BY_LABEL["winogrande"], [{"context_options": ["a", "b"]}]) == 50.0
-    assert ce.derived_baseline(ce.TASKS_BY_LABEL["squad"], [{"context": "c", "continuation": "x"}]) == 0.0
+    assert ct.derived_baseline(ct.TASKS_BY_LABEL["winogrande"], [{"context_options": ["a", "b"]}]) == 50.0
+    assert ct.derived_baseline(ct.TASKS_BY_LABEL["squad"], [{"context": "c", "continuation": "x"}]) == 0.0
     csv_path = tmp_path / "eval_meta_data.csv"
     csv_path.write_text('Eval Task,Task Category,Task Type,#shots,Random baseline,Description\n'
                         'boolq,reading comprehension,multiple choice,10,62,"yes, no"\n'
                         'jeopardy,world knowledge,language modeling,10,0,x\n')
-    assert ce.load_baselines(csv_path) == {"boolq": 62.0, "jeopardy": 0.0}
+    assert ct.load_baselines(csv_path) == {"boolq": 62.0, "jeopardy": 0.0}
 
 
 def test_centered_accuracy():
@@ -123,18 +124,18 @@ def test_fewshot_sampling_excludes_the_item_and_is_deterministic():
 
 def test_prompt_texts_per_task_type():
     mc_items = [{"query": f"Q{i}?", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(5)]
-    task = ce.Task("t", "t", ce.MC, 2)
+    task = ct.Task("t", "t", ct.MC, 2)
     pairs, gold = ce.prompt_texts(task, mc_items, 3)
     shots = ce.fewshot_indices(5, 3, 2)
     prefix = "".join(f"Q{j}? {mc_items[j]['choices'][mc_items[j]['gold']]}\n" for j in shots)
     assert pairs == [(prefix + "Q3? ", "a3"), (prefix + "Q3? ", "b3")] and gold == 1
 
     sc_items = [{"context_options": [f"A{i}", f"B{i}"], "continuation": f"end{i}.", "gold": 1} for i in range(3)]
-    pairs, gold = ce.prompt_texts(ce.Task("s", "s", ce.SCHEMA, 0), sc_items, 0)
+    pairs, gold = ce.prompt_texts(ct.Task("s", "s", ct.SCHEMA, 0), sc_items, 0)
     assert pairs == [("A0 ", "end0."), ("B0 ", "end0.")] and gold == 1
 
     lm_items = [{"context": f"C{i}", "continuation": f"X{i}"} for i in range(3)]
-    pairs, gold = ce.prompt_texts(ce.TASKS_BY_LABEL["jeopardy"], lm_items, 1)
+    pairs, gold = ce.prompt_texts(ct.TASKS_BY_LABEL["jeopardy"], lm_items, 1)
     others = [0, 2]
     assert pairs[0][0].endswith("C1\nAnswer: ") and pairs[0][1] == "X1" and gold == 0
     assert all(f"C{j}\nAnswer: X{j}\n" in pairs[0][0] for j in others)  # 10 shots capped to the 2 others
@@ -142,7 +143,7 @@ def test_prompt_texts_per_task_type():
 
 def test_continuation_tokens_are_those_after_the_common_prefix(tok):
     items = [{"context": "The capital of France is", "continuation": "Paris"}]
-    q = ce.build_query(tok, ce.TASKS_BY_LABEL["lambada_openai"], items, 0, 1000)
+    q = ce.build_query(tok, ct.TASKS_BY_LABEL["lambada_openai"], items, 0, 1000)
     (seq,) = q.seqs
     assert seq.tokens[0] == tok.bos_id
     assert tok.decode(seq.tokens[1:]) == "The capital of France is Paris"
@@ -156,8 +157,8 @@ def test_left_crop_keeps_bos_and_the_continuation(tok):
     assert ce.crop_left([9, 1, 2, 3, 4, 5], 2, 3) == ce.Seq((9, 4, 5), 1)  # continuation too long: its tail
     items = [{"query": f"Question: what is red number {i}? Answer:", "choices": ["an apple", "the sky is blue"],
               "gold": 0} for i in range(12)]
-    full = ce.build_query(tok, ce.TASKS_BY_LABEL["arc_easy"], items, 4, 10_000)
-    cropped = ce.build_query(tok, ce.TASKS_BY_LABEL["arc_easy"], items, 4, 24)
+    full = ce.build_query(tok, ct.TASKS_BY_LABEL["arc_easy"], items, 4, 10_000)
+    cropped = ce.build_query(tok, ct.TASKS_BY_LABEL["arc_easy"], items, 4, 24)
     for f, c in zip(full.seqs, cropped.seqs):
         assert len(f.tokens) > 24 and len(c.tokens) == 24
         assert c.tokens[0] == tok.bos_id
@@ -170,7 +171,7 @@ def test_left_crop_keeps_bos_and_the_continuation(tok):
 def test_model_scorer_batches_choices_like_separate_forwards(tok):
     model = tiny_gpt(tok.vocab_size)
     items = [{"query": "Question: what is red? Answer:", "choices": ["an apple", "the sky", "no"], "gold": 0}]
-    q = ce.build_query(tok, ce.TASKS_BY_LABEL["copa"], items, 0, 64)
+    q = ce.build_query(tok, ct.TASKS_BY_LABEL["copa"], items, 0, 64)
     assert len({len(s.tokens) for s in q.seqs}) > 1  # padding is exercised
     batched = ce.ModelScorer(model).mean_losses(q)
     for seq, got in zip(q.seqs, batched):
@@ -185,9 +186,9 @@ def test_model_scorer_greedy_match(tok):
     model = tiny_gpt(tok.vocab_size)
     prompt = [tok.bos_id] + tok.encode("The cat sat on")
     greedy = list(model.generate(prompt, 3, temperature=0))
-    good = ce.Query(ce.LM, (ce.Seq(tuple(prompt + greedy), len(prompt)),), 0)
+    good = ce.Query(ct.LM, (ce.Seq(tuple(prompt + greedy), len(prompt)),), 0)
     wrong = greedy[:2] + [(greedy[2] + 1) % tok.vocab_size]
-    bad = ce.Query(ce.LM, (ce.Seq(tuple(prompt + wrong), len(prompt)),), 0)
+    bad = ce.Query(ct.LM, (ce.Seq(tuple(prompt + wrong), len(prompt)),), 0)
     scorer = ce.ModelScorer(model)
     assert scorer.greedy_match(good) is True
     assert scorer.greedy_match(bad) is False
@@ -209,7 +210,7 @@ def test_hand_made_items_per_task_type():
     mc = [{"query": "Pick", "choices": ["bad", "good"], "gold": 1},
           {"query": "Pick", "choices": ["good", "bad", "bad", "bad"], "gold": 0},
           {"query": "Pick", "choices": ["bad", "good"], "gold": 0}]  # the scorer picks 1: wrong
-    row = ce.evaluate_task(Stub(), ByteTok(), mc, ce.Task("m", "m", ce.MC, 1), scorer=KeywordScorer())
+    row = ce.evaluate_task(Stub(), ByteTok(), mc, ct.Task("m", "m", ct.MC, 1), scorer=KeywordScorer())
     assert (row["correct"], row["n"]) == (2, 3)
     assert row["baseline"] == pytest.approx(100 * (0.5 + 0.25 + 0.5) / 3)
 
@@ -237,10 +238,10 @@ def test_max_items_takes_a_seeded_shuffle():
     assert row["n"] == 10 and row["correct"] == sum(1 for i in order[:10] if i % 3 == 0)
 
 
-def _write_task(dir_: Path, task: ce.Task, n: int = 4):
-    if task.kind == ce.MC:
+def _write_task(dir_: Path, task: ct.Task, n: int = 4):
+    if task.kind == ct.MC:
         rows = [{"query": f"q{i}", "choices": ["x", "y", "z"], "gold": i % 3} for i in range(n)]
-    elif task.kind == ce.SCHEMA:
+    elif task.kind == ct.SCHEMA:
         rows = [{"context_options": ["p", "q"], "continuation": "r", "gold": i % 2} for i in range(n)]
     else:
         rows = [{"context": f"c{i}", "continuation": "w"} for i in range(n)]
@@ -251,7 +252,7 @@ def test_aggregate_is_core_only_when_all_22_ran(tmp_path):
     full, partial, empty = tmp_path / "full", tmp_path / "partial", tmp_path / "empty"
     for d in (full, partial, empty):
         d.mkdir()
-    for task in ce.TASKS:
+    for task in ct.TASKS:
         _write_task(full, task)
         if task.label not in ("squad", "coqa"):
             _write_task(partial, task)
@@ -261,14 +262,14 @@ def test_aggregate_is_core_only_when_all_22_ran(tmp_path):
 
     res = ce.evaluate_core(Stub(), ByteTok(), partial, scorer=ce.OracleScorer())
     assert res["aggregate"]["name"] == "CORE-20 (partial)" and "CORE" not in res
-    assert res["tasks"]["squad"]["status"] == ce.NOT_RUN and res["aggregate"]["missing"] == ["squad", "coqa"]
+    assert res["tasks"]["squad"]["status"] == ct.NOT_RUN and res["aggregate"]["missing"] == ["squad", "coqa"]
 
     res = ce.evaluate_core(Stub(), ByteTok(), empty, scorer=ce.OracleScorer())
-    assert res["aggregate"] == {"name": "CORE-0 (partial)", "value": None, "tasks": [], "missing": list(ce.TASKS_BY_LABEL)}
+    assert res["aggregate"] == {"name": "CORE-0 (partial)", "value": None, "tasks": [], "missing": list(ct.TASKS_BY_LABEL)}
 
 
 def test_given_baselines_override_derived_ones(tmp_path):
-    _write_task(tmp_path, ce.TASKS_BY_LABEL["boolq"])
+    _write_task(tmp_path, ct.TASKS_BY_LABEL["boolq"])
     res = ce.evaluate_core(Stub(), ByteTok(), tmp_path, scorer=ce.UniformScorer(0), baselines={"boolq": 62})
     row = res["tasks"]["boolq"]
     assert (row["baseline"], row["baseline_source"]) == (62, "given")
@@ -299,13 +300,13 @@ def test_uniform_guessing_centers_near_zero():
     n = 300
     centered = []
     for label in ("arc_easy", "commonsense_qa", "openbook_qa", "bigbench_language_identification"):
-        task = ce.TASKS_BY_LABEL[label]
-        items = ce.load_items(core / f"{task.dataset}.jsonl")
+        task = ct.TASKS_BY_LABEL[label]
+        items = ct.load_items(core / f"{task.dataset}.jsonl")
         row = ce.evaluate_task(Stub(), ByteTok(), items, task, max_items=n, scorer=ce.UniformScorer(7))
         # binomial sd of centered accuracy at p = 1/4: sqrt(p(1-p)/n)/(1-p) ≈ 0.033; allow ~5 sd
         assert abs(row["centered"]) < 0.17, (label, row)
         centered.append(row["centered"])
     assert abs(sum(centered) / len(centered)) < 0.09  # pooled: sd ≈ 0.017
-    lm = ce.evaluate_task(Stub(), ByteTok(), ce.load_items(core / "bigbench_operators.jsonl"), "bigbench_operators",
+    lm = ce.evaluate_task(Stub(), ByteTok(), ct.load_items(core / "bigbench_operators.jsonl"), "bigbench_operators",
                           max_items=20, scorer=ce.UniformScorer())
     assert lm["centered"] == 0.0

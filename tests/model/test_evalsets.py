@@ -12,7 +12,7 @@ import pytest
 
 from model import evalsets
 from model.config import ChatEvalsetConfig, CoreEvalsetConfig
-from model.core_eval import NOT_RUN, load_task_list
+from model.core_tasks import NOT_RUN, load_task_list
 from model.errors import InputError
 from tests.helpers import shared_data
 
