@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import SPECIAL_TOKENS, BaseConfig  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.gpt import GPT, GPTConfig  # noqa: E402
-from model.runtime import init  # noqa: E402
+from model.chat.engine import Engine  # noqa: E402
+from model.nn.gpt import GPT, GPTConfig  # noqa: E402
+from model.train.runtime import init  # noqa: E402
 
 
 class StandInTokenizer:

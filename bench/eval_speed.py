@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts.store import Store  # noqa: E402
-from model import chat_eval, core_eval  # noqa: E402
-from model.core_tasks import TASKS  # noqa: E402
-from model.evalsets import load_sets  # noqa: E402
-from model.load import load_model  # noqa: E402
-from model.runtime import init  # noqa: E402
+from model.evals import chat_eval, core_eval  # noqa: E402
+from model.evals.core_tasks import TASKS  # noqa: E402
+from model.evals.evalsets import load_sets  # noqa: E402
+from model.nn.load import load_model  # noqa: E402
+from model.train.runtime import init  # noqa: E402
 
 MC_PREFERENCE = ("arc_easy", "piqa", "copa", "openbook_qa", "commonsense_qa", "boolq")
 

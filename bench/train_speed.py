@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import BaseConfig  # noqa: E402
-from model.gpt import GPT, GPTConfig  # noqa: E402
-from model.optim import apply_schedules, build_optimizers  # noqa: E402
-from model.runtime import init  # noqa: E402
+from model.nn.gpt import GPT, GPTConfig  # noqa: E402
+from model.nn.optim import apply_schedules, build_optimizers  # noqa: E402
+from model.train.runtime import init  # noqa: E402
 
 
 def bench(depth: int, head_dim: int, seq: int, batch: int, vocab: int, steps: int, warmup: int, compile_: bool, rt) -> dict:

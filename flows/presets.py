@@ -44,7 +44,7 @@ def base(depth: int = 20) -> PipelineConfig:
 
 def tiny() -> PipelineConfig:
     """The whole DAG on a CPU in minutes, offline: text from pinned PyPI packages, a small vocab."""
-    from model.sources import OFFLINE_TEXT
+    from model.data.sources import OFFLINE_TEXT
 
     cfg = base(depth=2)
     cfg.preset = "tiny"

@@ -9,10 +9,10 @@ from pathlib import Path
 def chat(artifact_dir: Path, prompt: str | None, temperature: float, top_k: int | None, max_tokens: int,
          device: str = "cpu", seed: int = 42, out=sys.stdout) -> int:
     t0 = time.perf_counter()
-    from model.conversation import render_for_completion
-    from model.engine import Engine
-    from model.load import load_model
-    from model.streaming import TextStream
+    from model.chat.conversation import render_for_completion
+    from model.chat.engine import Engine
+    from model.nn.load import load_model
+    from model.chat.streaming import TextStream
 
     model, tok = load_model(artifact_dir, device)
     engine = Engine(model, tok)

@@ -93,8 +93,8 @@ class Job:
 
 class _Worker:
     def __init__(self, index: int, device: str, artifact_dir: Path, pool: "WorkerPool", engine_factory):
-        from model.engine import Engine
-        from model.load import load_model
+        from model.chat.engine import Engine
+        from model.nn.load import load_model
 
         self.index, self.device, self.pool = index, device, pool
         self.model, self.tok = load_model(artifact_dir, device)
@@ -130,7 +130,7 @@ class _Worker:
                 self.job = None
 
     def _run(self, job: Job) -> None:
-        from model.streaming import TextStream
+        from model.chat.streaming import TextStream
 
         text = TextStream(self.tok)
         produced, finish = 0, "length"
@@ -194,7 +194,7 @@ class WorkerPool:
         """(prompt token ids, reply budget). The prompt leaves room for the reply inside the model's context:
         older turns are dropped by `render_for_completion` when the conversation is too long. Raises
         `model.errors.InputError` for a conversation that cannot be rendered (bad role order...)."""
-        from model.conversation import render_for_completion
+        from model.chat.conversation import render_for_completion
         from model.errors import InputError
 
         ctx = self.sequence_len

@@ -1,4 +1,4 @@
-"""`base_eval` stage: CORE, train/val bits-per-byte and samples of the base checkpoint (model/base_eval.py)."""
+"""`base_eval` stage: CORE, train/val bits-per-byte and samples of the base checkpoint (model/evals/base_eval.py)."""
 from __future__ import annotations
 
 from model.config import BaseEvalConfig
@@ -15,7 +15,7 @@ def compute(cfg: BaseEvalConfig, ctx: StageContext) -> dict:
         "evalset_dir": str(ctx.inputs["core_evalset"]),
         "out_dir": str(ctx.out_dir),
     }
-    metrics = launch("model.base_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log)
+    metrics = launch("model.evals.base_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log)
     ctx.device.update(type=metrics["device_type"], count=metrics["world_size"], nodes=1)
     name, value = metrics["score_name"], metrics["score"]
     ctx.log(f"base_eval: {name} {value:.4f}" if value is not None else "base_eval: CORE not run: data unavailable")
@@ -24,8 +24,8 @@ def compute(cfg: BaseEvalConfig, ctx: StageContext) -> dict:
 
 STAGE = StageDef(
     name="base_eval", kind="eval", section="base_eval", inputs=("data", "base", "core_evalset"),
-    code=("model.base_eval", "model.core_eval", "model.core_tasks", "model.bpb", "model.loader", "model.load",
-          "model.gpt", "model.runtime", "model.tokenizer", "model.train_base"),
+    code=("model.evals.base_eval", "model.evals.core_eval", "model.evals.core_tasks", "model.evals.bpb", "model.data.loader", "model.nn.load",
+          "model.nn.gpt", "model.train.runtime", "model.data.tokenizer", "model.train.base"),
     compute=compute, reports=("report.md",), tables=("core_table.json",),
     describe="CORE per task (centered accuracy; partial suites named by coverage), train/val bits-per-byte, samples.",
 )

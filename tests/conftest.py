@@ -83,7 +83,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "dataset_dir": str(data), "tokenizer_dir": str(tok),
                                 "out_dir": str(out), "wip_dir": str(root / "wip"), "metrics_path": str(root / "metrics.json")}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "model.train_base", str(spec)], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "-m", "model.train.base", str(spec)], capture_output=True, text=True, env=env,
                        timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "model.safetensors").is_file()

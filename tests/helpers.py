@@ -77,7 +77,7 @@ def small_bpe(text: str, vocab_size: int, repeat: int = 10):
     from tokenizers import pre_tokenizers, trainers
 
     from model.config import SPECIAL_TOKENS
-    from model.tokenizer import Tokenizer, _untrained
+    from model.data.tokenizer import Tokenizer, _untrained
 
     hf = _untrained()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -89,8 +89,8 @@ def small_bpe(text: str, vocab_size: int, repeat: int = 10):
 def train_inputs(root: Path, docs: int, vocab_size: int = 512) -> tuple[Path, Path]:
     """A dataset artifact dir (row groups of 64 docs) and a tokenizer trained on it, built in-process."""
     from model.config import DataConfig, LocalSource, TokenizerConfig
-    from model.dataset import build
-    from model.tokenizer import train as train_tokenizer
+    from model.data.dataset import build
+    from model.data.tokenizer import train as train_tokenizer
 
     corpus = write_corpus(root / "docs.jsonl", docs=docs)
     data, tok = root / "data", root / "tok"

@@ -50,7 +50,7 @@ def start_server():
 
 
 class SlowEngine:
-    """Stands in for `model.engine.Engine`: writes 'a' forever, 20 tokens a second, so that a reply is long
+    """Stands in for `model.chat.engine.Engine`: writes 'a' forever, 20 tokens a second, so that a reply is long
     enough to watch it stream and to cut it off."""
 
     def __init__(self, model, tok):

@@ -34,9 +34,9 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
     """What the engine itself generates for a prompt: (prompt ids, generated ids, text without the end token)."""
-    from model.conversation import render_for_completion
-    from model.engine import Engine
-    from model.load import load_model
+    from model.chat.conversation import render_for_completion
+    from model.chat.engine import Engine
+    from model.nn.load import load_model
 
     model, tok = load_model(tiny_checkpoint, "cpu")
     engine = Engine(model, tok)

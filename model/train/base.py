@@ -1,0 +1,253 @@
+"""Base pretraining: the `base` stage's entry point.
+
+    python -m model.train.base spec.json                      # one process
+    torchrun --nproc_per_node N -m model.train.base spec.json # N processes, one node
+
+spec.json: {"config": BaseConfig, "dataset_dir", "tokenizer_dir", "out_dir", "wip_dir", "metrics_path"}.
+
+The global batch is split into S = total_batch_size / (device_batch_size · max_seq_len) data streams,
+each a loader over its own stride of row groups; each process takes streams rank, rank+W, … and
+accumulates their gradients. So the data a step sees does not depend on the number of processes:
+N processes reproduce one process (up to float rounding), and a resume may change N.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from model.nn import checkpoint
+from model.train import runtime
+from model.evals.bpb import evaluate_bpb
+from model.config import BaseConfig
+from model.errors import InputError
+from model.nn.gpt import GPT, GPTConfig
+from model.data.loader import TokenLoader, iter_eval_batches
+from model.nn.optim import apply_schedules, build_optimizers, lr_multiplier
+from model.data.tokenizer import Tokenizer
+
+PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def horizon(cfg: BaseConfig, num_params: int, flops_per_token: int) -> int:
+    """Optimizer steps: explicit iterations > a FLOPs target > tokens = ratio × parameters."""
+    if cfg.num_iterations:
+        return cfg.num_iterations
+    if cfg.target_flops:
+        return max(1, round(cfg.target_flops / (flops_per_token * cfg.total_batch_size)))
+    return max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+
+
+def streams(cfg: BaseConfig, world_size: int) -> int:
+    micro = cfg.device_batch_size * cfg.max_seq_len
+    if cfg.total_batch_size % micro or (cfg.total_batch_size // micro) % world_size:
+        raise InputError(
+            f"base.total_batch_size {cfg.total_batch_size} is not a multiple of device_batch_size × max_seq_len × nproc "
+            f"= {cfg.device_batch_size} × {cfg.max_seq_len} × {world_size}: change one of them so it divides"
+        )
+    return cfg.total_batch_size // micro
+
+
+class _Stop:
+    """SIGTERM (preemption, Prefect cancel) asks for a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, *_):
+        self.requested = True
+
+
+def train(spec: dict) -> dict:
+    cfg = runtime.parse_config(BaseConfig, spec["config"], "base")
+    dataset_dir, tokenizer_dir = Path(spec["dataset_dir"]), Path(spec["tokenizer_dir"])
+    out_dir, wip = Path(spec["out_dir"]), Path(spec["wip_dir"])
+    rt = runtime.init(cfg.device)
+    stop = _Stop()
+    torch.manual_seed(cfg.seed)
+
+    tok = Tokenizer.load(tokenizer_dir)
+    token_bytes = load_file(str(tokenizer_dir / "token_bytes.safetensors"))["token_bytes"].long()
+    mcfg = GPTConfig.from_base(cfg, tok.vocab_size)
+    model = GPT(mcfg).to(rt.device)
+    optimizers = build_optimizers(model, cfg, rt.world_size)
+    n_params, fpt = model.num_params(), model.flops_per_token()
+    steps = horizon(cfg, n_params, fpt)
+    n_streams = streams(cfg, rt.world_size)
+    mine = list(range(rt.rank, n_streams, rt.world_size))
+    accum = len(mine)
+
+    loop = {"curve": {"step": [], "train_loss": [], "lr_mult": []}, "evals": [], "samples": [], "ema": 0.0, "train_seconds": 0.0, "resumed_from": []}
+    start_step, loader_states = 0, {}
+    if (ckpt := checkpoint.latest(wip)) is not None:
+        made_for = checkpoint.read_state(ckpt)["model"]
+        if made_for != mcfg.to_dict():
+            diff = ", ".join(f"{k} {made_for.get(k)} vs {v}" for k, v in mcfg.to_dict().items() if made_for.get(k) != v)
+            raise InputError(f"checkpoint {ckpt} was made for another model ({diff}; tokenizer or config changed): delete {wip} to start over")
+        saved = checkpoint.load(ckpt, model, optimizers)
+        start_step, loader_states, loop = saved["step"], saved["loaders"], saved["loop"]
+        loop["resumed_from"].append(start_step)
+        if rt.main:
+            print(f"base: resuming from {ckpt.name} (step {start_step} of {steps})", file=sys.stderr, flush=True)
+    _check_row_groups(dataset_dir, n_streams)
+    loaders = {
+        s: TokenLoader(dataset_dir, "train", tok, cfg.device_batch_size, cfg.max_seq_len, rank=s, world_size=n_streams,
+                       state=loader_states.get(str(s)), threads=cfg.loader_threads, device=str(rt.device))
+        for s in mine
+    }
+    fwd = torch.compile(model) if (cfg.compile if cfg.compile is not None else rt.device.type == "cuda") else model
+
+    def save(step: int) -> None:
+        states = {str(s): ld.state_dict() for s, ld in loaders.items()}
+        if rt.distributed:
+            gathered = [None] * rt.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            states = {k: v for part in gathered for k, v in part.items()}
+        if rt.main:
+            checkpoint.save(wip, step, model, optimizers, {"model": mcfg.to_dict(), "loaders": states, "loop": loop})
+        rt.barrier()
+
+    def val_bpb() -> float:
+        batches = iter_eval_batches(dataset_dir, tok, cfg.device_batch_size, cfg.max_seq_len,
+                                   max_tokens=cfg.eval_tokens // rt.world_size, rank=rt.rank,
+                                   world_size=rt.world_size, device=str(rt.device))
+        return evaluate_bpb(fwd, batches, token_bytes, rt)
+
+    bar = tqdm(total=steps, initial=start_step, desc="base", unit="step", disable=not rt.main, mininterval=2, file=sys.stderr)
+    tokens_per_step = cfg.total_batch_size
+    timed_steps, timed_seconds = 0, 0.0
+    step = start_step
+    while True:
+        last = step == steps
+        if step % cfg.eval_every == 0 or last:
+            bpb = val_bpb()
+            if not any(e["step"] == step for e in loop["evals"]):
+                loop["evals"].append({"step": step, "val_bpb": bpb})
+            bar.set_postfix(val_bpb=f"{bpb:.4f}", refresh=False)
+            if rt.main:
+                print(f"base: step {step}/{steps} val bpb {bpb:.4f}", file=sys.stderr, flush=True)
+        if rt.main and (step % cfg.sample_every == 0 or last) and step > 0 and not any(s["step"] == step for s in loop["samples"]):
+            loop["samples"].append({"step": step, "samples": samples(model, tok, cfg.sample_tokens)})
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        apply_schedules(optimizers, step, steps, cfg)
+        loss_sum = torch.zeros((), device=rt.device)
+        for s in mine:
+            x, y = loaders[s].next_batch()
+            with rt.autocast():
+                loss = fwd(x, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        if rt.distributed:
+            _all_reduce_grads(model, rt.world_size)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = rt.all_reduce_sum(loss_sum).item() / n_streams
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        loop["train_seconds"] += dt
+        if step > start_step + 3:  # the first steps include compilation and warm-up
+            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+        loop["ema"] = 0.9 * loop["ema"] + 0.1 * train_loss
+        ema = loop["ema"] / (1 - 0.9 ** step)
+        loop["curve"]["step"].append(step)
+        loop["curve"]["train_loss"].append(train_loss)
+        loop["curve"]["lr_mult"].append(lr_multiplier(step - 1, steps, cfg))
+        tps = tokens_per_step / dt
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{loop['curve']['lr_mult'][-1]:.2f}", tok_s=f"{tps:,.0f}", refresh=False)
+        bar.update(1)
+        if stop.requested or step % cfg.checkpoint_every == 0:
+            save(step)
+            if stop.requested:
+                bar.close()
+                print(f"base: SIGTERM: checkpoint at step {step}; rerun to resume", file=sys.stderr, flush=True)
+                runtime.shutdown(rt)
+                sys.exit(143)
+    bar.close()
+
+    tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds else None
+    peak = rt.peak_flops()
+    metrics = {
+        "params": n_params, "flops_per_token": fpt, "steps": steps, "tokens": steps * tokens_per_step,
+        "total_flops": fpt * steps * tokens_per_step, "streams": n_streams, "world_size": rt.world_size,
+        "val_bpb": loop["evals"][-1]["val_bpb"], "min_val_bpb": min(e["val_bpb"] for e in loop["evals"]),
+        "first_val_bpb": loop["evals"][0]["val_bpb"], "train_loss": loop["curve"]["train_loss"][-1] if steps else None,
+        "tokens_per_s": tps, "step_seconds": timed_seconds / timed_steps if timed_steps else None,
+        "mfu": (fpt * tps / (peak * rt.world_size)) if (peak and tps) else None,
+        "train_seconds": loop["train_seconds"], "resumed_from": loop["resumed_from"],
+        "device": rt.device_name(), "device_type": rt.device_type(), "compiled": fwd is not model,
+    }
+    if rt.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_weights(model, out_dir / checkpoint.WEIGHTS)
+        (out_dir / "model.json").write_text(json.dumps({"model": mcfg.to_dict(), "step": steps}, indent=1, sort_keys=True))
+        (out_dir / "curve.json").write_text(json.dumps({"train": loop["curve"], "val": loop["evals"]}, sort_keys=True))
+        (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1, ensure_ascii=False))
+        # the tokenizer travels with the weights: a pulled checkpoint is all a chat needs
+        shutil.copytree(tokenizer_dir, out_dir / "tokenizer", ignore=shutil.ignore_patterns("manifest.json", "compression.md"))
+    runtime.shutdown(rt)
+    return metrics
+
+
+def _check_row_groups(dataset_dir: Path, n_streams: int) -> None:
+    import pyarrow.parquet as pq
+
+    from model.data.dataset import list_shards
+
+    groups = sum(pq.ParquetFile(p).metadata.num_row_groups for p in list_shards(dataset_dir, "train"))
+    if groups < n_streams:
+        raise InputError(
+            f"the train split has {groups} row group(s) but training reads {n_streams} data streams "
+            "(total_batch_size / (device_batch_size × max_seq_len)), one row group each at least: "
+            "use more text, a smaller data.row_group_size, or fewer streams"
+        )
+
+
+def _all_reduce_grads(model: torch.nn.Module, world_size: int) -> None:
+    handles = [torch.distributed.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+    for h in handles:
+        h.wait()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(world_size)
+
+
+def samples(model: GPT, tok: Tokenizer, max_tokens: int) -> list[dict]:
+    """Greedy continuations of the fixed PROMPTS (the same in training logs and in base_eval)."""
+    out = []
+    for prompt in PROMPTS:
+        ids = [tok.bos_id, *tok.encode(prompt)]
+        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+        out.append({"prompt": prompt, "completion": tok.decode(gen)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime.main("base", "model.train.base", train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
