@@ -1,37 +1,49 @@
-"""CORE: the DCLM in-context-learning suite (22 tasks), scored as centered accuracy.
+"""CORE: the DCLM in-context-learning suite (22 tasks), scored as centered accuracy, exactly as nanochat scores it.
 
 Three task types, all scored from the model's next-token distribution (no generation):
 
-- multiple choice (``mc``, items ``{"query", "choices", "gold"}``): one context (few-shot + query +
-  delimiter), one continuation per choice; the prediction is the choice with the lowest mean
-  cross-entropy over its continuation tokens.
-- schema (``schema``, items ``{"context_options", "continuation", "gold"}``): one context per option
-  (few-shot + option + delimiter), the same continuation; the lowest mean loss on the continuation wins.
-- language modeling (``lm``, items ``{"context", "continuation"}``): correct only when the greedy argmax
-  at every continuation position reproduces the continuation tokens.
+- multiple choice (``mc``, items ``{"query", "choices", "gold"}``): one prompt per choice; the prediction is
+  the choice with the lowest mean cross-entropy over its scored tokens.
+- schema (``schema``, items ``{"context_options", "continuation", "gold"}``): one prompt per context option,
+  all ending in the same continuation; the lowest mean loss on the scored tokens wins.
+- language modeling (``lm``, items ``{"context", "continuation"}``): correct only when the greedy argmax at
+  every scored position reproduces the scored tokens.
 
-Prompts. Few-shot examples for item ``i`` are drawn with ``random.Random(1234 + i)`` from the task's
-other items (never item ``i`` itself), ``i`` being the item's index in the data file, so a prompt does not
-depend on which items a capped run happens to evaluate. A few-shot example is rendered with its gold
-answer (mc: query + delimiter + gold choice; schema: gold option + delimiter + continuation; lm: context +
-delimiter + continuation) and examples are joined with ``EXAMPLE_DELIMITER`` (llm-foundry's default
-example delimiter, a newline). Every sequence starts with BOS. Jeopardy's same-category few-shot
-(llm-foundry's ``has_categories``) is not reproduced: shots come from any category.
+Items. A task's items are shuffled with ``random.Random(1337)`` and cut to the per-task cap (when one is
+set); that list is what is evaluated, and position ``i`` in it is the item's identity from then on.
 
-Token boundaries. The continuation is appended to the context as text (``context + continuation``) and
-both strings are tokenized; the continuation tokens are those of the full string after its longest
-common prefix with the context's tokens. A delimiter that ends in a space (" ") thus merges with the
-first word of the continuation into one " word" token, as it would in running text, and that token counts
-as continuation. At least one token is always scored.
+Prompts. Item ``i``'s few-shot examples are drawn with ``random.Random(1234 + i).sample`` from the other
+items of that list. A prompt is the examples, each rendered with its gold answer and followed by a blank
+line (``"\n\n"``), then the item:
 
-Cropping. A sequence longer than the model's ``sequence_len`` keeps its BOS and its last
-``sequence_len - 1`` tokens (it loses the oldest few-shot text, never the continuation's end); should the
-continuation itself not fit, only its surviving tail is scored.
+- mc: ``query + delim + choices[gold]`` per example; ``query + delim + choice`` per choice;
+- schema: ``context_options[gold] + delim + continuation`` per example; ``option + delim + continuation``
+  per option;
+- lm: ``context.strip() + delim + continuation`` per example; the item gives two prompts, without the
+  continuation (``… + context.strip() + delim``, then stripped of surrounding whitespace, so a trailing
+  delimiter space is gone) and with it (``… + context.strip() + delim + continuation``).
 
-Scorers. The task logic asks a `Scorer` for per-continuation mean losses (mc, schema) or a greedy-match
-boolean (lm). `ModelScorer` implements that with a `model.nn.gpt.GPT` (all choices of one item in one
+Scored spans. Every prompt is tokenized whole, with BOS in front. mc: the tokens after the prefix that all
+choices' token sequences share (a first word the choices have in common is not scored); schema: the
+tokens of the suffix that all options' sequences share; lm: the tokens of the prompt with the
+continuation after the length of the prompt without it (so the delimiter's space, merged with the answer's
+first word, is scored). An lm pair whose "without" tokens are not a prefix of its "with" tokens (where
+nanochat would stop on an assertion) is scored after their common prefix.
+
+Cropping. A sequence longer than the model's ``sequence_len`` keeps its last ``sequence_len`` tokens (the
+oldest few-shot text goes, BOS with it) and its span shifts down by as many, as nanochat crops a model with
+a maximum length; should the span's start fall off the front, its surviving tail is scored. nanochat's own
+GPT has a rotary table 10× its training length and is never cropped; ours refuses positions past
+``sequence_len``, so at the 2,048-token presets only the rare longer prompts differ.
+
+Scorers. The task logic asks a `Scorer` for per-sequence mean losses (mc, schema) or a greedy-match
+boolean (lm). `ModelScorer` implements that with a `model.nn.gpt.GPT` (all sequences of one item in one
 padded forward pass); tests plug in test doubles (an oracle that always prefers gold, a uniform guesser).
 Queries carry ``gold`` only so that such doubles can exist; `ModelScorer` never reads it.
+
+Baselines. Centered accuracy is ``(acc - b) / (1 - b)`` with ``b`` DCLM's published random baseline for
+the 22 tasks (a bundle's eval_meta_data.csv wins when present), derived from the items (100/choices,
+50 for schema, 0 for lm) for any other task.
 
 Aggregate. The mean centered accuracy over the tasks that ran is called ``"CORE"`` only when all 22 ran,
 otherwise ``"CORE-<k> (partial)"`` with the list of tasks it covers.
@@ -47,8 +59,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from model.evals.core_tasks import (
-    EXAMPLE_DELIMITER, FEWSHOT_SEED, LM, MC, NOT_RUN, SCHEMA, SHUFFLE_SEED, TASKS, TASKS_BY_LABEL, Task, aggregate_name,
-    derived_baseline, find_task_file, load_items, select, suite_result,
+    DCLM_BASELINES, EXAMPLE_DELIMITER, FEWSHOT_SEED, LM, MC, NOT_RUN, SCHEMA, SHUFFLE_SEED, TASKS, TASKS_BY_LABEL,
+    Task, aggregate_name, core_order, derived_baseline, find_task_file, load_items, suite_result,
 )
 
 
@@ -56,7 +68,7 @@ from model.evals.core_tasks import (
 
 @dataclass(frozen=True)
 class Seq:
-    """A token sequence whose continuation is ``tokens[start:]`` (start ≥ 1: BOS is never scored)."""
+    """A token sequence whose scored tokens are ``tokens[start:]`` (start ≥ 1: the first token is never scored)."""
     tokens: tuple[int, ...]
     start: int
 
@@ -70,7 +82,7 @@ class Query:
 
 
 def fewshot_indices(n_items: int, index: int, shots: int) -> list[int]:
-    """Indices of the few-shot examples of item `index`: seeded per item, never the item itself."""
+    """Positions of item `index`'s few-shot examples in the evaluated list: seeded per position, never itself."""
     shots = min(shots, n_items - 1)
     if shots <= 0:
         return []
@@ -78,63 +90,68 @@ def fewshot_indices(n_items: int, index: int, shots: int) -> list[int]:
     return random.Random(FEWSHOT_SEED + index).sample(pool, shots)
 
 
-def _render_example(task: Task, item: dict) -> str:
+def _example(task: Task, ex: dict) -> str:
     d = task.delimiter
     if task.kind == MC:
-        return item["query"] + d + item["choices"][item["gold"]]
+        return ex["query"] + d + ex["choices"][ex["gold"]]
     if task.kind == SCHEMA:
-        return item["context_options"][item["gold"]] + d + item["continuation"]
-    return item["context"] + d + item["continuation"]
+        return ex["context_options"][ex["gold"]] + d + ex["continuation"]
+    return ex["context"].strip() + d + ex["continuation"]
 
 
-def _prefix(task: Task, items: Sequence[dict], index: int) -> str:
-    shots = [_render_example(task, items[j]) for j in fewshot_indices(len(items), index, task.shots)]
-    return "".join(s + EXAMPLE_DELIMITER for s in shots)
-
-
-def prompt_texts(task: Task, items: Sequence[dict], index: int) -> tuple[list[tuple[str, str]], int]:
-    """The (context, continuation) text pairs of item `index`, one per option, and the gold option."""
-    item, prefix, d = items[index], _prefix(task, items, index), task.delimiter
+def prompts(task: Task, items: Sequence[dict], index: int) -> tuple[list[str], int]:
+    """The full prompt texts of item `index` (mc: one per choice; schema: one per option; lm: without and
+    with the continuation) and the gold index."""
+    item, d = items[index], task.delimiter
+    shots = "".join(_example(task, items[j]) + EXAMPLE_DELIMITER for j in fewshot_indices(len(items), index, task.shots))
     if task.kind == MC:
-        ctx = prefix + item["query"] + d
-        return [(ctx, c) for c in item["choices"]], int(item["gold"])
+        return [shots + item["query"] + d + c for c in item["choices"]], int(item["gold"])
     if task.kind == SCHEMA:
-        return [(prefix + opt + d, item["continuation"]) for opt in item["context_options"]], int(item["gold"])
-    return [(prefix + item["context"] + d, item["continuation"])], 0
+        return [shots + opt + d + item["continuation"] for opt in item["context_options"]], int(item["gold"])
+    head = shots + item["context"].strip() + d
+    return [head.strip(), head + item["continuation"]], 0
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
+def common_length(seqs: Sequence[Sequence[int]], from_end: bool = False) -> int:
+    """Length of the prefix (or, `from_end`, the suffix) that every sequence shares."""
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        k = -1 - i if from_end else i
+        if any(s[k] != seqs[0][k] for s in seqs):
+            return i
     return n
 
 
-def crop_left(tokens: Sequence[int], start: int, max_len: int) -> Seq:
-    """Fit `max_len`: keep the first token (BOS) and the last max_len - 1 tokens; shift `start` accordingly."""
-    tokens = list(tokens)
-    if len(tokens) <= max_len:
-        return Seq(tuple(tokens), start)
+def spans(kind: str, token_seqs: Sequence[Sequence[int]]) -> list[Seq]:
+    """The scored span of each tokenized prompt (BOS included), by task kind; see the module docstring."""
+    if kind == MC:
+        start = common_length(token_seqs)
+        return [Seq(tuple(t), start) for t in token_seqs]
+    if kind == SCHEMA:
+        suffix = common_length(token_seqs, from_end=True)
+        return [Seq(tuple(t), len(t) - suffix) for t in token_seqs]
+    without, with_ = token_seqs
+    start = len(without) if list(with_[: len(without)]) == list(without) else common_length([without, with_])
+    return [Seq(tuple(with_), start)]
+
+
+def crop(seq: Seq, max_len: int) -> Seq:
+    """Keep the last `max_len` tokens and shift the span with them (nanochat's crop); at least one token is
+    left before the span, so a span longer than the window keeps its tail."""
+    over = len(seq.tokens) - max_len
+    if over <= 0:
+        return seq
     if max_len < 2:
-        raise ValueError(f"sequence_len {max_len} leaves no room for a context token and a continuation token")
-    dropped = len(tokens) - max_len
-    return Seq(tuple(tokens[:1] + tokens[-(max_len - 1):]), max(1, start - dropped))
+        raise ValueError(f"sequence_len {max_len} leaves no room for a context token and a scored token")
+    return Seq(seq.tokens[over:], max(1, seq.start - over))
 
 
 def build_query(tok, task: Task, items: Sequence[dict], index: int, max_len: int) -> Query:
-    """Tokenize item `index`'s prompts (BOS first), mark each continuation, crop each to `max_len`."""
-    pairs, gold = prompt_texts(task, items, index)
-    texts = [t for ctx, cont in pairs for t in (ctx, ctx + cont)]
-    encoded = tok.encode_batch(texts)
+    """Tokenize item `index`'s prompts (BOS first), find each scored span, crop each to `max_len`."""
+    texts, gold = prompts(task, items, index)
     bos = tok.bos_id
-    seqs = []
-    for k in range(len(pairs)):
-        ctx_ids, full_ids = [bos] + encoded[2 * k], [bos] + encoded[2 * k + 1]
-        start = min(_common_prefix(ctx_ids, full_ids), len(full_ids) - 1)
-        seqs.append(crop_left(full_ids, max(start, 1), max_len))
-    return Query(task.kind, tuple(seqs), gold)
+    seqs = spans(task.kind, [[bos] + ids for ids in tok.encode_batch(texts)])
+    return Query(task.kind, tuple(crop(s, max_len) for s in seqs), gold)
 
 
 # ---------------------------------------------------------------- scorers
@@ -230,34 +247,36 @@ def evaluate_task(model, tok, items: Sequence[dict], task: Task | str, device="c
                   reduce: Callable[[list[float]], list[float]] | None = None, progress=None) -> dict:
     """Accuracy and centered accuracy of one task.
 
-    `max_items`: evaluate the first `max_items` items after shuffling the indices with
-    ``random.Random(shuffle_seed)`` (few-shot examples still come from all items). `scorer`: defaults to a
-    `ModelScorer` of `model` (`model` may then be None). `baseline`: random baseline in percent; defaults
-    to the one derived from the items. Several processes: rank r scores the selected items r, r+W, …
-    and `reduce` (a sum over ranks) combines the counts, so every rank returns the single-process result.
-    `progress`: called with the number of items scored, as they are.
+    The items are shuffled with ``random.Random(shuffle_seed)`` and cut to `max_items` (None: all); few-shot
+    examples come from that list. `scorer`: defaults to a `ModelScorer` of `model` (`model` may then be
+    None). `baseline`: random baseline in percent; defaults to DCLM's for the 22 CORE tasks, else derived
+    from the items. Several processes: rank r scores positions r, r+W, … and `reduce` (a sum over ranks)
+    combines the counts, so every rank returns the single-process result. `progress`: called with the
+    number of items scored, as they are.
     """
     task = TASKS_BY_LABEL[task] if isinstance(task, str) else task
-    items = list(items)
     if not items:
         raise ValueError(f"{task.label}: no items to evaluate")
+    chosen = [items[i] for i in core_order(len(items), max_items, shuffle_seed)]
     scorer = scorer if scorer is not None else ModelScorer(model, device)
     max_len = _sequence_len(model)
-    n = len(items) if max_items is None else min(max_items, len(items))
     if model is not None and hasattr(model, "eval"):
         model.eval()
     correct = 0
-    for i in select(len(items), max_items, rank, world_size, shuffle_seed):
-        correct += score_item(scorer, build_query(tok, task, items, i, max_len))
+    for pos in range(rank, len(chosen), world_size):
+        correct += score_item(scorer, build_query(tok, task, chosen, pos, max_len))
         if progress is not None:
             progress(1)
     if reduce is not None:
         correct = int(round(reduce([float(correct)])[0]))
-    source = "given"
-    if baseline is None:
+    if baseline is not None:
+        source = "given"
+    elif task.label in DCLM_BASELINES:
+        baseline, source = DCLM_BASELINES[task.label], "DCLM"
+    else:
         baseline, source = derived_baseline(task, items), "derived from data"
-    acc = correct / n
-    return {"task": task.label, "status": "ok", "type": task.kind, "shots": task.shots, "n": n,
+    acc = correct / len(chosen)
+    return {"task": task.label, "status": "ok", "type": task.kind, "shots": task.shots, "n": len(chosen),
             "correct": correct, "accuracy": acc, "baseline": baseline, "baseline_source": source,
             "centered": centered(acc, baseline)}
 
@@ -271,7 +290,7 @@ def evaluate_core(model, tok, data_dir: str | Path, device="cpu", max_per_task: 
     Returns ``{"tasks": {label: row}, "aggregate": {"name", "value", "tasks", "missing"}, <name>: value}``;
     a missing task's row is ``{"status": "not run: data unavailable"}``; the aggregate is named ``"CORE"``
     only when all 22 tasks ran, else ``"CORE-<k> (partial)"``. `baselines` ({label: percent}, e.g. from
-    `load_baselines`) override the baselines derived from the data; `tasks`: e.g. a bundle's core.yaml
+    `load_baselines`) override the default baselines (DCLM's, or derived from the data); `tasks`: e.g. a bundle's core.yaml
     (`load_task_list`). `rank`, `world_size`, `reduce`, `progress`: as in `evaluate_task`, for every task.
     """
     scorer = scorer if scorer is not None else ModelScorer(model, device)

@@ -122,48 +122,97 @@ def test_fewshot_sampling_excludes_the_item_and_is_deterministic():
     assert ce.fewshot_indices(1, 0, 10) == [] and ce.fewshot_indices(30, 5, 0) == []
 
 
-def test_prompt_texts_per_task_type():
+def test_prompts_join_examples_with_a_blank_line_per_task_type():
     mc_items = [{"query": f"Q{i}?", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(5)]
-    task = ct.Task("t", "t", ct.MC, 2)
-    pairs, gold = ce.prompt_texts(task, mc_items, 3)
-    shots = ce.fewshot_indices(5, 3, 2)
-    prefix = "".join(f"Q{j}? {mc_items[j]['choices'][mc_items[j]['gold']]}\n" for j in shots)
-    assert pairs == [(prefix + "Q3? ", "a3"), (prefix + "Q3? ", "b3")] and gold == 1
+    texts, gold = ce.prompts(ct.Task("t", "t", ct.MC, 2), mc_items, 3)
+    j, k = ce.fewshot_indices(5, 3, 2)
+    shots = f"Q{j}? {'ab'[j % 2]}{j}\n\nQ{k}? {'ab'[k % 2]}{k}\n\n"
+    assert texts == [shots + "Q3? a3", shots + "Q3? b3"] and gold == 1
 
     sc_items = [{"context_options": [f"A{i}", f"B{i}"], "continuation": f"end{i}.", "gold": 1} for i in range(3)]
-    pairs, gold = ce.prompt_texts(ct.Task("s", "s", ct.SCHEMA, 0), sc_items, 0)
-    assert pairs == [("A0 ", "end0."), ("B0 ", "end0.")] and gold == 1
+    texts, gold = ce.prompts(ct.Task("s", "s", ct.SCHEMA, 1), sc_items, 0)
+    (j,) = ce.fewshot_indices(3, 0, 1)
+    assert texts == [f"B{j} end{j}.\n\nA0 end0.", f"B{j} end{j}.\n\nB0 end0."] and gold == 1
 
-    lm_items = [{"context": f"C{i}", "continuation": f"X{i}"} for i in range(3)]
-    pairs, gold = ce.prompt_texts(ct.TASKS_BY_LABEL["jeopardy"], lm_items, 1)
-    others = [0, 2]
-    assert pairs[0][0].endswith("C1\nAnswer: ") and pairs[0][1] == "X1" and gold == 0
-    assert all(f"C{j}\nAnswer: X{j}\n" in pairs[0][0] for j in others)  # 10 shots capped to the 2 others
+    # lm: contexts stripped; the prompt without the continuation loses its trailing delimiter whitespace
+    lm_items = [{"context": f"  C{i} \n", "continuation": f"X{i}"} for i in range(3)]
+    (without, with_), gold = ce.prompts(ct.TASKS_BY_LABEL["jeopardy"], lm_items, 1)
+    j, k = ce.fewshot_indices(3, 1, 10)  # 10 shots capped to the 2 others
+    shots = f"C{j}\nAnswer: X{j}\n\nC{k}\nAnswer: X{k}\n\n"
+    assert with_ == shots + "C1\nAnswer: X1" and without == shots + "C1\nAnswer:" and gold == 0
+    (without, with_), _ = ce.prompts(ct.TASKS_BY_LABEL["lambada_openai"], lm_items, 0)  # 0-shot
+    assert (without, with_) == ("C0", "C0 X0")
 
 
-def test_continuation_tokens_are_those_after_the_common_prefix(tok):
-    items = [{"context": "The capital of France is", "continuation": "Paris"}]
+def test_multiple_choice_scores_only_after_the_prefix_all_choices_share(tok):
+    items = [{"query": "Answer:", "choices": ["the cat sat", "the cat is red"], "gold": 0}]
+    q = ce.build_query(tok, ct.TASKS_BY_LABEL["copa"], items, 0, 1000)
+    bos = tok.bos_id
+    assert [s.tokens for s in q.seqs] == [(bos, 290, 309, 300, 34, 276, 326, 283, 268),
+                                          (bos, 290, 309, 300, 34, 276, 326, 267, 285)]
+    # " the", " cat" are common to both choices: only " s" "at" / " is" " red" are scored
+    assert [s.tokens[s.start:] for s in q.seqs] == [(283, 268), (267, 285)] and q.seqs[0].start == 7
+
+
+def test_schema_scores_only_the_suffix_all_options_share(tok):
+    items = [{"context_options": ["The capital of France", "The cat"], "continuation": "is Rome.", "gold": 1}]
+    q = ce.build_query(tok, ct.TASKS_BY_LABEL["winograd"], items, 0, 1000)
+    bos = tok.bos_id
+    assert q.seqs[0].tokens == (bos, 277, 287, 288, 316, 325, 267, 320, 305, 22)
+    assert q.seqs[1].tokens == (bos, 277, 326, 267, 320, 305, 22)
+    assert [s.tokens[s.start:] for s in q.seqs] == [(267, 320, 305, 22)] * 2  # " is", " Ro", "me", "."
+    # options ending alike: the shared tail of the options is scored too, as nanochat does
+    items = [{"context_options": ["The capital of France is", "The cat is"], "continuation": "red", "gold": 0}]
+    q = ce.build_query(tok, ct.TASKS_BY_LABEL["winograd"], items, 0, 1000)
+    assert [tok.decode(s.tokens[s.start:]) for s in q.seqs] == [" is red"] * 2
+
+
+def test_language_modeling_span_starts_after_the_stripped_prompt(tok):
+    items = [{"context": "The capital of France is ", "continuation": "Paris"}]  # trailing space in the data
     q = ce.build_query(tok, ct.TASKS_BY_LABEL["lambada_openai"], items, 0, 1000)
     (seq,) = q.seqs
-    assert seq.tokens[0] == tok.bos_id
-    assert tok.decode(seq.tokens[1:]) == "The capital of France is Paris"
-    assert tok.decode(seq.tokens[seq.start:]) == " Paris"  # the delimiter's space merges into the first word
-    assert list(seq.tokens[: seq.start]) == [tok.bos_id] + tok.encode("The capital of France is")
+    assert seq.tokens == (tok.bos_id, 277, 287, 288, 316, 325, 267, 318, 308)
+    assert seq.tokens[seq.start:] == (318, 308)  # " Pa" "ris": the delimiter's space merges into the answer
+    assert tok.decode(seq.tokens[seq.start:]) == " Paris"
 
 
-def test_left_crop_keeps_bos_and_the_continuation(tok):
-    assert ce.crop_left([9, 1, 2, 3, 4, 5], 4, 4) == ce.Seq((9, 3, 4, 5), 2)
-    assert ce.crop_left([9, 1, 2], 2, 8) == ce.Seq((9, 1, 2), 2)
-    assert ce.crop_left([9, 1, 2, 3, 4, 5], 2, 3) == ce.Seq((9, 4, 5), 1)  # continuation too long: its tail
+def test_items_are_shuffled_cut_and_shots_drawn_from_the_cut_list():
+    order = list(range(40))
+    random.Random(1337).shuffle(order)
+    assert ct.core_order(40, None) == order and ct.core_order(40, 8) == order[:8]
+    items = [{"context": f"c{i}", "continuation": f"w{i}"} for i in range(40)]
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def greedy_match(self, query):
+            self.seen.append(bytes(t for t in query.seqs[0].tokens if t < 256).decode())
+            return False
+
+    rec = Recorder()
+    ce.evaluate_task(Stub(), ByteTok(), items, ct.Task("t", "t", ct.LM, 2), max_items=8, scorer=rec)
+    chosen = [items[i] for i in order[:8]]
+    for pos, text in enumerate(rec.seen):
+        j, k = random.Random(1234 + pos).sample([p for p in range(8) if p != pos], 2)
+        assert text == (f"{chosen[j]['context']} {chosen[j]['continuation']}\n\n"
+                        f"{chosen[k]['context']} {chosen[k]['continuation']}\n\n"
+                        f"{chosen[pos]['context']} {chosen[pos]['continuation']}")
+    assert len(rec.seen) == 8
+
+
+def test_crop_keeps_the_last_tokens_and_shifts_the_span(tok):
+    assert ce.crop(ce.Seq((9, 1, 2, 3, 4, 5), 4), 4) == ce.Seq((2, 3, 4, 5), 2)
+    assert ce.crop(ce.Seq((9, 1, 2), 2), 8) == ce.Seq((9, 1, 2), 2)
+    assert ce.crop(ce.Seq((9, 1, 2, 3, 4, 5), 2), 3) == ce.Seq((3, 4, 5), 1)  # span too long: its tail
     items = [{"query": f"Question: what is red number {i}? Answer:", "choices": ["an apple", "the sky is blue"],
               "gold": 0} for i in range(12)]
     full = ce.build_query(tok, ct.TASKS_BY_LABEL["arc_easy"], items, 4, 10_000)
     cropped = ce.build_query(tok, ct.TASKS_BY_LABEL["arc_easy"], items, 4, 24)
     for f, c in zip(full.seqs, cropped.seqs):
         assert len(f.tokens) > 24 and len(c.tokens) == 24
-        assert c.tokens[0] == tok.bos_id
-        assert c.tokens[c.start:] == f.tokens[f.start:]  # the whole continuation survives
-        assert c.tokens[1:] == f.tokens[-23:]
+        assert c.tokens == f.tokens[-24:]
+        assert c.tokens[c.start:] == f.tokens[f.start:]  # the whole scored span survives
 
 
 # ---------------------------------------------------------------- scoring with a GPT
@@ -290,7 +339,8 @@ def test_oracle_scores_centered_one_on_every_shared_task():
     for label in MISSING_4:
         assert res["tasks"][label]["status"] == "not run: data unavailable"
     assert res["CORE-18 (partial)"] == pytest.approx(1.0)
-    # the derived baselines from the items as packaged
+    # DCLM's published baselines, as nanochat centers with them
+    assert res["tasks"]["boolq"]["baseline"] == 62 and res["tasks"]["boolq"]["baseline_source"] == "DCLM"
     assert res["tasks"]["arc_easy"]["baseline"] == 25.0 and res["tasks"]["piqa"]["baseline"] == 50.0
     assert res["tasks"]["winograd"]["baseline"] == 50.0 and res["tasks"]["jeopardy"]["baseline"] == 0.0
 
@@ -302,7 +352,8 @@ def test_uniform_guessing_centers_near_zero():
     for label in ("arc_easy", "commonsense_qa", "openbook_qa", "bigbench_language_identification"):
         task = ct.TASKS_BY_LABEL[label]
         items = ct.load_items(core / f"{task.dataset}.jsonl")
-        row = ce.evaluate_task(Stub(), ByteTok(), items, task, max_items=n, scorer=ce.UniformScorer(7))
+        row = ce.evaluate_task(Stub(), ByteTok(), items, task, max_items=n, scorer=ce.UniformScorer(7),
+                               baseline=ct.derived_baseline(task, items))  # 1/choices, not DCLM's
         # binomial sd of centered accuracy at p = 1/4: sqrt(p(1-p)/n)/(1-p) ≈ 0.033; allow ~5 sd
         assert abs(row["centered"]) < 0.17, (label, row)
         centered.append(row["centered"])
