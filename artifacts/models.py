@@ -1,6 +1,6 @@
 """Model references → verified local directories, and Hub push/pull of artifacts.
 
-A reference is a key (or unique prefix), a ref (`sft/latest`, `base/tiny`), or `hf://org/repo[@rev]`.
+A reference is a key (or unique prefix), a ref (`base/latest`, `base/tiny`), or `hf://org/repo[@rev]`.
 A Hub repo pushed by chatforge holds the artifact's files and its manifest.json; a pull downloads the
 snapshot with `huggingface_hub`, checks every file against the manifest (size and sha256) and commits
 it into the store under its own key, so lineage and refs work as for anything computed locally.

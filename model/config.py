@@ -256,7 +256,8 @@ class CostConfig(Section):
 
     prices: dict[str, float] = Field(
         default_factory=lambda: {"H100": 3.0, "H200": 3.5, "A100": 1.8, "cpu": 0.0},
-        description="$ per device-hour by device type (GPU prices: nanochat's ~$24/h per 8×H100 node; CPU counted free).",
+        description="$ per device-hour by the ledger's device type (H100, H200, A100, lowercase cpu; GPU prices: nanochat's "
+        "~$24/h per 8×H100 node; CPU counted free unless cost.prices.cpu is set; a type not listed costs $0).",
     )
 
 

@@ -88,7 +88,7 @@ def serve_main(model_ref: str, store_url: str | None = None, host: str = DEFAULT
 
 def add_arguments(p) -> None:
     """The `chatforge serve` options on an argparse (sub)parser."""
-    p.add_argument("--model", required=True, help="a ref (sft/latest), a key, or hf://org/repo[@rev]")
+    p.add_argument("--model", required=True, help="a ref (base/latest), a key, or hf://org/repo[@rev]")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--workers", type=int, default=None,

@@ -1,7 +1,9 @@
 """Run a stage's entry point as a subprocess (one process, or torchrun for several) and stream its output.
 
-The child gets a spec file and writes its metrics to a JSON file; its stderr/stdout lines (progress
-bars included) go to the Prefect log. SIGTERM to us is passed on, so the child checkpoints first.
+The child gets a spec file and writes its metrics to a JSON file; its stderr/stdout lines go to the
+Prefect log. Its own progress bars write whole lines every few seconds there (its stderr is a pipe, see
+model/progress.py); `\\r` redraws from other libraries' bars are thinned out here. SIGTERM to us is passed
+on, so the child checkpoints first.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def launch(module: str, spec: dict, work_dir: Path, nproc: int = 1, log=print, p
 
 
 def _pump(proc: subprocess.Popen, log, tail: list[str], every: float) -> None:
-    """Forward complete lines; progress-bar redraws (\\r) are forwarded at most every `every` seconds."""
+    """Forward complete lines; `\\r` redraws (a third-party tqdm bar) are forwarded at most every `every` seconds."""
     buf, last_progress = b"", 0.0
     while chunk := proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096):
         buf += chunk

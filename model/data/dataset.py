@@ -17,11 +17,11 @@ from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from model.data import sources
 from model.config import DataConfig, HubSource, LocalSource, PypiSource
 from model.errors import InputError
+from model.progress import progress
 
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, ...] = ("train", "val")
@@ -37,7 +37,7 @@ def build(cfg: DataConfig, out_dir: Path, download_dir: Path) -> dict:
     pinned = _PinnedSplit(cfg.val_fraction)
     provenance = []
     try:
-        with tqdm(desc="data", unit="doc", file=sys.stderr) as bar:
+        with progress(desc="data", unit="doc") as bar:
             for source in cfg.sources:
                 bar.set_description_str(f"data {source.kind}")
                 docs = chars = 0

@@ -28,7 +28,6 @@ complete a matching gram except by collision, so the per-document cost is a few 
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 from hashlib import blake2b
 from typing import Iterable
@@ -146,9 +145,9 @@ def check(train_texts: Iterable[str], sets: dict[str, list[str]], n: int = 13, m
     """Build the index, stream every training document through it, and report per eval set."""
     index = EvalIndex(sets, n=n, min_words=min_words)
     if progress:
-        from tqdm import tqdm  # only needed for the bar
+        from model.progress import progress as progress_bar
 
-        train_texts = tqdm(train_texts, desc=f"{n}-gram decontamination", unit="doc", file=sys.stderr, mininterval=2)
+        train_texts = progress_bar(train_texts, desc=f"{n}-gram decontamination", unit="doc")
     for text in train_texts:
         index.scan(text)
     return index.report()

@@ -36,12 +36,12 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tqdm import tqdm
 
 from model.data.compression import report
 from model.config import SPECIAL_TOKENS, TokenizerConfig
 from model.data.dataset import iter_texts, list_shards
 from model.errors import InputError
+from model.progress import progress
 
 # GPT-4's pre-split regex with one change taken from nanochat: digit runs become pieces of at most
 # 2 digits instead of 3, which spends fewer vocabulary slots on numbers in a small vocabulary.
@@ -137,7 +137,7 @@ def train(cfg: TokenizerConfig, dataset_dir: Path, out_dir: Path, download_dir: 
         vocab_size=cfg.vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,  # the tqdm bar over fed characters is the progress shown
+        show_progress=False,  # the progress bar over fed characters is the progress shown
     )
     fed = _Fed()
     start = time.perf_counter()
@@ -191,7 +191,7 @@ def _training_batches(cfg: TokenizerConfig, dataset_dir: Path, fed: _Fed) -> Ite
     """Train-split documents cut to `doc_cap` characters, in batches, until `max_chars` are fed
     (the last document is cut so that the total is exactly `max_chars` when the split is longer)."""
     batch: list[str] = []
-    with tqdm(total=cfg.max_chars, unit="char", unit_scale=True, desc="tokenizer: text fed", mininterval=2.0) as bar:
+    with progress(total=cfg.max_chars, unit="char", unit_scale=True, desc="tokenizer: text fed") as bar:
         for text in iter_texts(dataset_dir, "train"):
             text = text[: min(cfg.doc_cap, cfg.max_chars - fed.chars)]
             if not text:

@@ -11,7 +11,8 @@ and val bits per byte on the first `bpb_tokens` tokens of each split) and `sampl
 continuations of the fixed prompts).
 
 The task list is the evalset's core.yaml when it has one, else the built-in 22 tasks; baselines are the
-evalset's eval_meta_data.csv when present, else derived from the items. A task without data is
+evalset's eval_meta_data.csv when present, else DCLM's published ones (derived from the items for a task
+DCLM does not list). A task without data is
 "not run: data unavailable", and the aggregate is called CORE only when all 22 tasks ran.
 """
 from __future__ import annotations
@@ -22,13 +23,13 @@ import time
 from pathlib import Path
 
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from model.evals import core_eval
 from model.train import runtime
 from model.evals.core_tasks import NOT_RUN, TASKS, eval_rows, load_baselines, load_task_list
 from model.evals.bpb import evaluate_bpb
 from model.config import BaseEvalConfig
+from model.progress import progress
 from model.nn.load import load_model
 from model.data.loader import iter_eval_batches
 from model.train.base import samples
@@ -41,8 +42,7 @@ def run_core(model, tok, evalset_dir: Path, max_per_task: int | None, rt: runtim
     tasks = load_task_list(yaml_path) if yaml_path.exists() else TASKS
     meta = json.loads((evalset_dir / "sets.json").read_text())
     present = [meta[t.dataset]["items"] for t in tasks if meta.get(t.dataset, {}).get("status") == "ok"]
-    bar = tqdm(total=sum(min(n, max_per_task or n) for n in present), desc="CORE", unit="item", disable=not rt.main,
-               mininterval=2, file=sys.stderr)
+    bar = progress(total=sum(min(n, max_per_task or n) for n in present), desc="CORE", unit="item", disable=not rt.main)
     core = core_eval.evaluate_core(model, tok, evalset_dir / "sets", rt.device, max_per_task,
                                    load_baselines(csv_path) if csv_path.exists() else None, tasks=tasks,
                                    rank=rt.rank, world_size=rt.world_size,

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
-from tqdm import tqdm
 
 from model.train import runtime
 from model.evals.chat_tasks import (CATEGORICAL, GENERATIVE, LETTERS, TASK_NAMES, gold_response, gsm8k_answer,
@@ -59,6 +58,7 @@ from model.config import ChatEvalConfig
 from model.chat.conversation import render_for_completion
 from model.evals.core_tasks import NOT_RUN, eval_rows, select, suite_result
 from model.errors import InputError
+from model.progress import progress
 from model.evals.evalsets import load_sets
 from model.nn.load import load_model
 from model.evals.sandbox import isolation
@@ -331,7 +331,7 @@ def evaluate(spec: dict) -> dict:
     for task in TASK_NAMES:
         items = sets.get(task)
         n = len(select(len(items), cfg.max_per_task, rt.rank, rt.world_size)) if items else 0
-        bar = tqdm(total=n, desc=f"chat_eval {task}", unit="item", disable=not rt.main or not n, mininterval=2, file=sys.stderr)
+        bar = progress(total=n, desc=f"chat_eval {task}", unit="item", disable=not rt.main or not n)
         answerer = ModelAnswerer(model, tok, cfg.batch_size, progress=bar.update)
         t0 = time.perf_counter()
         with rt.autocast():

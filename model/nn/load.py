@@ -17,7 +17,7 @@ def load_model(artifact_dir: Path, device: str | torch.device = "cpu") -> tuple[
     try:
         meta = json.loads((artifact_dir / "model.json").read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"{artifact_dir} is not a model checkpoint (model.json: {e}): pass a base/mid/sft/rl artifact") from None
+        raise InputError(f"{artifact_dir} is not a model checkpoint (model.json: {e}): pass a checkpoint artifact (the base stage's, e.g. base/latest)") from None
     tok = Tokenizer.load(artifact_dir / "tokenizer")
     cfg = GPTConfig.from_dict(meta["model"])
     if cfg.vocab_size != tok.vocab_size:

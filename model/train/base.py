@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from model.nn import checkpoint
 from model.train import runtime
 from model.evals.bpb import evaluate_bpb
 from model.config import BaseConfig
 from model.errors import InputError
+from model.progress import progress
 from model.nn.gpt import GPT, GPTConfig
 from model.data.loader import TokenLoader, iter_eval_batches
 from model.nn.optim import apply_schedules, build_optimizers, lr_multiplier
@@ -129,7 +129,7 @@ def train(spec: dict) -> dict:
                                    world_size=rt.world_size, device=str(rt.device))
         return evaluate_bpb(fwd, batches, token_bytes, rt)
 
-    bar = tqdm(total=steps, initial=start_step, desc="base", unit="step", disable=not rt.main, mininterval=2, file=sys.stderr)
+    bar = progress(total=steps, initial=start_step, desc="base", unit="step", disable=not rt.main)
     tokens_per_step = cfg.total_batch_size
     timed_steps, timed_seconds = 0, 0.0
     step = start_step

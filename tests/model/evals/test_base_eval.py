@@ -36,8 +36,9 @@ def hand_made_core(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def evalset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("core-evalset")
-    build_core(CoreEvalsetConfig(url=None, local_dir=str(hand_made_core(root / "src"))), root / "artifact", root / "dl",
-               log=lambda m: None)
+    metrics = build_core(CoreEvalsetConfig(url=None, local_dir=str(hand_made_core(root / "src"))), root / "artifact", root / "dl",
+                         log=lambda m: None)
+    (root / "evalset_metrics.json").write_text(json.dumps(metrics))
     return root / "artifact"
 
 
@@ -52,6 +53,8 @@ def test_base_eval_writes_a_partial_core_and_bpb(tiny_checkpoint, evalset, tmp_p
     metrics = run(tiny_checkpoint, evalset, tmp_path / "out", max_per_task=20)
     assert metrics["score_name"] == "CORE-3 (partial)" and metrics["core_tasks"] == 3
     assert "hellaswag" in metrics["core_missing"] and len(metrics["core_missing"]) == 19
+    # the core_evalset stage named the same tasks unavailable (labels, not file stems: hellaswag_zeroshot, jeopardy)
+    assert json.loads((evalset.parent / "evalset_metrics.json").read_text())["unavailable"] == metrics["core_missing"]
     core = json.loads((tmp_path / "out/core.json").read_text())
     rows = core["tasks"]
     assert rows["copa"]["n"] == 20 and rows["winograd"]["type"] == "schema" and rows["lambada_openai"]["baseline"] == 0

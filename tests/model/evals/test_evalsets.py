@@ -173,10 +173,57 @@ def test_no_core_source_means_every_task_unavailable(tmp_path, monkeypatch):
 def test_shared_data_sets(tmp_path):
     data = shared_data() / "eval"
     m = evalsets.build_core(CoreEvalsetConfig(url=None, local_dir=str(data / "core")), tmp_path / "core", tmp_path / "dl", log=lambda m: None)
-    assert m["sets"] == 18 and m["unavailable"] == ["coqa", "hellaswag", "squad"]
+    assert m["sets"] == 18 and m["unavailable"] == ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]  # task labels
     m = evalsets.build_chat(ChatEvalsetConfig(source="none", local_dir=str(data), spellingbee_items=0),
                             tmp_path / "chat", tmp_path / "dl", log=lambda m: None)
     sets = evalsets.load_sets(tmp_path / "chat")
     assert {k: len(v) for k, v in sets.items() if v} == {"arc_easy": 2376, "arc_challenge": 1172, "mmlu": 14042,
                                                          "gsm8k": 1319, "humaneval": 164}
     assert sets["gsm8k"][0]["answer"] == "18"
+
+
+def _base_eval_not_run(evalset_dir: Path, monkeypatch) -> list[str]:
+    """The tasks base_eval reports as not run on an evalset artifact (its `core_missing`): base_eval's own
+    task selection (core.yaml or the built-in list, files in sets/), with scoring stubbed out."""
+    from types import SimpleNamespace
+
+    from model.evals import base_eval, core_eval
+
+    monkeypatch.setattr(core_eval, "evaluate_task", lambda model, tok, items, task, *a, **k: {
+        "task": task.label, "status": "ok", "centered": 0.0, "n": len(items)})
+    rt = SimpleNamespace(main=False, device="cpu", rank=0, world_size=1, distributed=False, sum_across_ranks=None)
+    return base_eval.run_core(None, None, evalset_dir, 1, rt)["aggregate"]["missing"]
+
+
+def test_core_evalset_and_base_eval_name_missing_tasks_alike(tmp_path, monkeypatch):
+    """Missing CORE tasks are named by task label in both stages: hellaswag's file serves two tasks
+    (hellaswag_zeroshot and hellaswag), and jeopardy's and winograd's files are jeopardy_all and winograd_wsc."""
+    monkeypatch.delenv(evalsets.EVAL_DIR_ENV, raising=False)
+    src = tmp_path / "core"
+    src.mkdir()
+    for stem in ("copa", "winograd_wsc", "arc_easy"):
+        (src / f"{stem}.jsonl").write_text(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + "\n")
+    m = evalsets.build_core(CoreEvalsetConfig(url=None, local_dir=str(src)), tmp_path / "local", tmp_path / "dl", log=lambda m: None)
+    assert m["available"] == ["arc_easy", "copa", "winograd"]  # DCLM's order, labels
+    assert "hellaswag_zeroshot" in m["unavailable"] and "jeopardy" in m["unavailable"] and len(m["unavailable"]) == 19
+    assert m["unavailable"] == _base_eval_not_run(tmp_path / "local", monkeypatch)
+    meta = json.loads((tmp_path / "local/sets.json").read_text())
+    assert meta["hellaswag"]["tasks"] == ["hellaswag_zeroshot", "hellaswag"] and meta["winograd_wsc"]["tasks"] == ["winograd"]
+
+    # a bundle's core.yaml is the task list of both stages
+    m = evalsets.build_core(CoreEvalsetConfig(url=_bundle(tmp_path).as_uri()), tmp_path / "bundle", tmp_path / "dl", log=lambda m: None)
+    assert m["available"] == ["copa"] and m["unavailable"] == ["jeopardy"] == _base_eval_not_run(tmp_path / "bundle", monkeypatch)
+
+
+def test_shared_core_dir_missing_tasks_agree_with_base_eval(tmp_path, monkeypatch):
+    data = shared_data() / "eval" / "core"
+    m = evalsets.build_core(CoreEvalsetConfig(url=None, local_dir=str(data)), tmp_path / "core", tmp_path / "dl", log=lambda m: None)
+    assert m["unavailable"] == _base_eval_not_run(tmp_path / "core", monkeypatch) == ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
+
+
+def test_a_core_yaml_that_is_not_a_task_list_is_an_input_error(tmp_path):
+    src = tmp_path / "core"
+    src.mkdir()
+    (src / "core.yaml").write_text("icl_tasks:\n- label: copa\n  icl_task_type: guessing\n  dataset_uri: copa.jsonl\n")
+    with pytest.raises(InputError, match="core.yaml of the CORE source is not a DCLM task list"):
+        evalsets.build_core(CoreEvalsetConfig(url=None, local_dir=str(src)), tmp_path / "out", tmp_path / "dl", log=lambda m: None)
