@@ -175,6 +175,145 @@ class BaseConfig(Section):
     loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.")
 
 
+# ---------------------------------------------------------------- conversation data (mixtures)
+
+CHAT_SOURCES = (
+    # Hub, for the real presets
+    "smoltalk", "mmlu_aux", "gsm8k", "arc_easy", "arc_challenge",
+    # pinned PyPI packages, offline
+    "sharegpt", "gsm_symbolic",
+    # written by this project
+    "arithmetic", "spelling", "spellingbee", "identity",
+    # your own jsonl files of conversations
+    "local",
+)
+
+
+class MixtureEntry(Section):
+    """One ingredient of a conversation mixture: `count` conversations of one source's split."""
+
+    source: Literal[CHAT_SOURCES] = Field(
+        ..., description="smoltalk, mmlu_aux, gsm8k, arc_easy, arc_challenge (Hub); sharegpt, gsm_symbolic (pinned PyPI); "
+        "arithmetic, spelling, spellingbee, identity (synthetic); local (jsonl files of conversations in `paths`).")
+    split: Literal["train", "val"] = Field(
+        "train", description="train, or val: the source's held-out part (its own non-eval split where it has one, else a "
+        "fixed hash-chosen share), never overlapping train.")
+    count: int | None = Field(None, ge=1, description="Conversations to take (the first N after a seeded shuffle of the "
+                              "source's split); None: all of it (generated sources need a count).")
+    paths: list[str] | None = Field(None, description="For `local`: jsonl files or globs, one conversation per line "
+                                    "(`{\"messages\": [...]}` or a bare list of messages).")
+
+
+class MixtureConfig(Section):
+    """A conversation mixture (`mid_data`, `sft_data`, `rl_data` stages): sources sampled, normalized, shuffled and decontaminated."""
+
+    train: list[MixtureEntry] = Field(..., min_length=1, description="Training conversations; listing a source twice oversamples it.")
+    val: list[MixtureEntry] = Field(default_factory=list, description="Held-out conversations for validation loss / pass@k.")
+    seed: int = Field(42, description="Seed of the per-source draws and of the final shuffle.")
+    hub_revision: str = Field("main", description="Revision of every Hub dataset repository used.")
+    decontam_n: int = Field(13, ge=4, description="Words per n-gram of the check against every eval set.")
+    decontam_min_words: int = Field(8, ge=1, description="Eval items shorter than n words are one gram when they have at least this many words.")
+    download_dir: str | None = NotInKey(None, "Where downloads are cached; default `<CHATFORGE_HOME>/downloads`.")
+
+
+def nanochat_mid_data() -> MixtureConfig:
+    """nanochat v0's mid-training mixture: SmolTalk 460K + MMLU auxiliary_train 100K + GSM8K train 8K."""
+    return MixtureConfig(
+        train=[MixtureEntry(source="smoltalk"), MixtureEntry(source="mmlu_aux"), MixtureEntry(source="gsm8k")],
+        val=[MixtureEntry(source="smoltalk", split="val"), MixtureEntry(source="mmlu_aux", split="val"),
+             MixtureEntry(source="gsm8k", split="val")],
+    )
+
+
+def nanochat_sft_data() -> MixtureConfig:
+    """nanochat v0's SFT mixture: ARC-Easy + ARC-Challenge train, GSM8K train, 10K SmolTalk (≈ 21K conversations)."""
+    return MixtureConfig(
+        train=[MixtureEntry(source="arc_easy"), MixtureEntry(source="arc_challenge"), MixtureEntry(source="gsm8k"),
+               MixtureEntry(source="smoltalk", count=10_000)],
+        val=[MixtureEntry(source="smoltalk", split="val")],
+    )
+
+
+def nanochat_rl_data() -> MixtureConfig:
+    """nanochat v0's RL problems: GSM8K train; pass@k on GSM8K train problems held out from it (never the test set)."""
+    return MixtureConfig(train=[MixtureEntry(source="gsm8k")], val=[MixtureEntry(source="gsm8k", split="val")])
+
+
+# ---------------------------------------------------------------- fine-tuning: mid, sft, rl
+
+class FinetuneOptim(Section):
+    """Optimizer settings shared by mid, sft and rl: the base groups (Muon for block matrices, AdamW for embedding/head)."""
+
+    matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate for the 2-D matrices inside blocks.")
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW LR of the token embedding (× (width/768)^-0.5).")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW LR of the output head (× (width/768)^-0.5).")
+    init_lr_frac: float = Field(1.0, gt=0, le=1, description="Every group's starting LR as a fraction of the rates above.")
+    adam_betas: tuple[float, float] = Field((0.8, 0.95), description="AdamW betas.")
+    adam_eps: float = Field(1e-10, gt=0, description="AdamW epsilon.")
+    muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon momentum at step 0.")
+    muon_momentum_end: float = Field(0.95, ge=0, lt=1, description="Muon momentum after the warmup.")
+    muon_momentum_warmup: int = Field(300, ge=0, description="Steps over which Muon momentum rises linearly (0: end value from the start).")
+    grad_clip: float = Field(0.0, ge=0, description="Clip the global gradient norm to this (0 = off, as nanochat's fine-tuning).")
+
+
+class MidConfig(FinetuneOptim):
+    """`mid` stage: conversations packed into one token stream at the base model's sequence length (nanochat v0's mid-training)."""
+
+    total_batch_size: int = Field(524_288, ge=1, description="Tokens per optimizer step across all processes.")
+    device_batch_size: int = NotInKey(32, "Sequences per forward pass per process. Memory/speed only.")
+    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: one epoch of the mixture's train tokens.")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="Constant LR, then linear decay to 0 over this last fraction of steps.")
+    mask_loss: bool = Field(False, description="False: loss on every token (nanochat v0); True: only on assistant tokens (the render mask).")
+    eval_every: int = Field(150, ge=1, description="Steps between val loss / bits-per-byte evaluations (and at the last step).")
+    eval_tokens: int = Field(20 * 524_288, ge=1, description="Val tokens per evaluation (from the mixture's val conversations).")
+    seed: int = Field(42, description="Seed (data order is the mixture's; this seeds sampling).")
+    checkpoint_every: int = NotInKey(500, "Steps between resumable checkpoints (also written on SIGTERM).")
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
+    device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+    compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
+
+
+class SftConfig(FinetuneOptim):
+    """`sft` stage: one conversation per row, padded to the batch's longest, loss only on assistant tokens."""
+
+    init_lr_frac: float = Field(0.02, gt=0, le=1, description="Starting LR as a fraction of the rates above (nanochat: 0.02), decaying linearly to 0.")
+    muon_momentum_warmup: int = Field(0, ge=0, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
+    muon_momentum_start: float = Field(0.95, ge=0, lt=1, description="Muon momentum at step 0.")
+    examples_per_step: int = Field(32, ge=1, description="Conversations per optimizer step across all processes.")
+    device_batch_size: int = NotInKey(4, "Conversations per forward pass per process. Memory/speed only.")
+    num_epochs: int = Field(1, ge=1, description="Passes over the mixture's train conversations.")
+    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: num_epochs × conversations / examples_per_step.")
+    eval_every: int = Field(100, ge=1, description="Steps between val loss evaluations (and at the last step).")
+    eval_examples: int = Field(400, ge=1, description="Val conversations per evaluation.")
+    seed: int = Field(42, description="Seed of the epoch shuffles.")
+    checkpoint_every: int = NotInKey(100, "Steps between resumable checkpoints (also written on SIGTERM).")
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
+    device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+
+
+class RlConfig(FinetuneOptim):
+    """`rl` stage: REINFORCE with a group-mean baseline, on-policy, no KL, on problems with checkable answers."""
+
+    init_lr_frac: float = Field(0.05, gt=0, le=1, description="Starting LR as a fraction of the rates above (nanochat: 0.05), decaying linearly to 0.")
+    muon_momentum_warmup: int = Field(0, ge=0, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
+    muon_momentum_start: float = Field(0.95, ge=0, lt=1, description="Muon momentum at step 0.")
+    examples_per_step: int = Field(16, ge=1, description="Problems per optimizer step across all processes.")
+    num_samples: int = Field(16, ge=2, description="Samples per problem (the group whose mean reward is the baseline).")
+    max_new_tokens: int = Field(256, ge=1, description="Longest sampled answer, in tokens.")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature.")
+    top_k: int = Field(50, ge=0, description="Sample from the k most likely tokens (0 = all).")
+    num_epochs: int = Field(1, ge=1, description="Passes over the problems.")
+    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: num_epochs × problems / examples_per_step.")
+    device_batch_size: int = NotInKey(8, "Sequences per generation / forward pass per process. Memory/speed only.")
+    eval_every: int = Field(60, ge=1, description="Steps between pass@k evaluations on the held-out training problems (and at the end).")
+    eval_examples: int = Field(400, ge=1, description="Held-out problems per pass@k evaluation.")
+    pass_k: int = Field(8, ge=1, description="pass@1..pass@k are reported (k ≤ num_samples).")
+    seed: int = Field(42, description="Seed of the problem order and of sampling.")
+    checkpoint_every: int = NotInKey(60, "Steps between resumable checkpoints (also written on SIGTERM).")
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
+    device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+
+
 # ---------------------------------------------------------------- evaluation sets and evaluations
 
 DCLM_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -273,4 +412,10 @@ class PipelineConfig(Section):
     decontam: DecontamConfig = Field(default_factory=DecontamConfig, description="`decontam` stage: eval items in training data.")
     base_eval: BaseEvalConfig = Field(default_factory=BaseEvalConfig, description="`base_eval` stage: CORE and bits-per-byte.")
     chat_eval: ChatEvalConfig = Field(default_factory=ChatEvalConfig, description="`chat_eval` stage: chat tasks and ChatCORE.")
+    mid_data: MixtureConfig = Field(default_factory=nanochat_mid_data, description="`mid_data` stage: the mid-training conversation mixture.")
+    sft_data: MixtureConfig = Field(default_factory=nanochat_sft_data, description="`sft_data` stage: the SFT conversation mixture.")
+    rl_data: MixtureConfig = Field(default_factory=nanochat_rl_data, description="`rl_data` stage: the RL problems (with checkable answers).")
+    mid: MidConfig = Field(default_factory=MidConfig, description="`mid` stage: mid-training on conversations.")
+    sft: SftConfig = Field(default_factory=SftConfig, description="`sft` stage: supervised fine-tuning.")
+    rl: RlConfig = Field(default_factory=RlConfig, description="`rl` stage: reinforcement learning on problems.")
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the ledger.")

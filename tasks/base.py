@@ -22,7 +22,7 @@ def compute(cfg: BaseConfig, ctx: StageContext) -> dict:
 
 STAGE = StageDef(
     name="base", kind="checkpoint", section="base", inputs=("data", "tokenizer"),
-    code=("model.train.base", "model.nn.gpt", "model.nn.optim", "model.data.loader", "model.evals.bpb", "model.nn.checkpoint",
+    code=("model.train.base", "model.train.common", "model.nn.gpt", "model.nn.optim", "model.data.loader", "model.evals.bpb", "model.nn.checkpoint",
           "model.train.runtime", "model.data.tokenizer"),
     compute=compute,
     describe="Pretrain the GPT (Muon + AdamW); val bits-per-byte curve, samples, tokens/s, MFU.",

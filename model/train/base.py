@@ -12,9 +12,6 @@ N processes reproduce one process (up to float rounding), and a resume may chang
 """
 from __future__ import annotations
 
-import json
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.nn import checkpoint
-from model.train import runtime
+from model.train import common, runtime
 from model.evals.bpb import evaluate_bpb
 from model.config import BaseConfig
 from model.errors import InputError
@@ -63,23 +60,12 @@ def streams(cfg: BaseConfig, world_size: int) -> int:
     return cfg.total_batch_size // micro
 
 
-class _Stop:
-    """SIGTERM (preemption, Prefect cancel) asks for a checkpoint at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, *_):
-        self.requested = True
-
-
 def train(spec: dict) -> dict:
     cfg = runtime.parse_config(BaseConfig, spec["config"], "base")
     dataset_dir, tokenizer_dir = Path(spec["dataset_dir"]), Path(spec["tokenizer_dir"])
     out_dir, wip = Path(spec["out_dir"]), Path(spec["wip_dir"])
     rt = runtime.init(cfg.device)
-    stop = _Stop()
+    stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
 
     tok = Tokenizer.load(tokenizer_dir)
@@ -156,13 +142,7 @@ def train(spec: dict) -> dict:
                 loss = fwd(x, y)
             (loss / accum).backward()
             loss_sum += loss.detach()
-        if rt.distributed:
-            _all_reduce_grads(model, rt.world_size)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        common.optimizer_step(model, optimizers, cfg.grad_clip, rt)
         train_loss = rt.all_reduce_sum(loss_sum).item() / n_streams
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
@@ -201,13 +181,8 @@ def train(spec: dict) -> dict:
         "device": rt.device_name(), "device_type": rt.device_type(), "compiled": fwd is not model,
     }
     if rt.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_weights(model, out_dir / checkpoint.WEIGHTS)
-        (out_dir / "model.json").write_text(json.dumps({"model": mcfg.to_dict(), "step": steps}, indent=1, sort_keys=True))
-        (out_dir / "curve.json").write_text(json.dumps({"train": loop["curve"], "val": loop["evals"]}, sort_keys=True))
-        (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1, ensure_ascii=False))
-        # the tokenizer travels with the weights: a pulled checkpoint is all a chat needs
-        shutil.copytree(tokenizer_dir, out_dir / "tokenizer", ignore=shutil.ignore_patterns("manifest.json", "compression.md"))
+        common.commit(out_dir, model, mcfg.to_dict(), "base", steps, tokenizer_dir,
+                      {"curve.json": {"train": loop["curve"], "val": loop["evals"]}, "samples.json": loop["samples"]})
     runtime.shutdown(rt)
     return metrics
 
@@ -224,15 +199,6 @@ def _check_row_groups(dataset_dir: Path, n_streams: int) -> None:
             "(total_batch_size / (device_batch_size × max_seq_len)), one row group each at least: "
             "use more text, a smaller data.row_group_size, or fewer streams"
         )
-
-
-def _all_reduce_grads(model: torch.nn.Module, world_size: int) -> None:
-    handles = [torch.distributed.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
-    for h in handles:
-        h.wait()
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.div_(world_size)
 
 
 def samples(model: GPT, tok: Tokenizer, max_tokens: int) -> list[dict]:
