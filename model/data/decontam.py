@@ -125,6 +125,18 @@ class EvalIndex:
                     if i + k < len(pre) and (pre[i + k] - pre[i] * pow(_BASE, k, 1 << 64)) & _MASK == whole:
                         self._hit.add(gid)
 
+    def hits(self, text: str) -> list[tuple[str, int]]:
+        """`scan` one document and return the (set name, item index) of every eval item it hits, sorted
+        (the conversation mixtures drop such documents and count them per set)."""
+        before, self._hit = self._hit, set()
+        try:
+            self.scan(text)
+            found = self._hit
+        finally:
+            before.update(self._hit)
+            self._hit = before
+        return sorted(self._owner[gid] for gid in found)
+
     def report(self) -> dict[str, dict]:
         hits: dict[str, list[int]] = {name: [] for name in self._sizes}
         for gid in self._hit:

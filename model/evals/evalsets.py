@@ -280,11 +280,16 @@ def _pypi_records(pin: tuple, download_dir: Path) -> list[dict]:
 def _spellingbee(cfg: ChatEvalsetConfig, download_dir: Path) -> list[dict]:
     from model.evals.chat_tasks import spellingbee_items
 
+    return spellingbee_items(spelling_words(download_dir), cfg.spellingbee_items, cfg.spellingbee_seed)
+
+
+def spelling_words(download_dir: Path) -> list[str]:
+    """SpellingBee's vocabulary: the a–z words of 3+ letters of the pinned wonderwords lists, lowercased, sorted
+    (also the words of the synthetic spelling training data, model/data/synthetic.py)."""
     package, version, sha, members, _ = WORDS
-    archive = pypi.download(package, version, sha, download_dir / "pypi")
-    words = sorted({w.strip().lower() for _, data in pypi.iter_members(archive, members)
-                    for w in data.decode().splitlines() if re.fullmatch(r"[A-Za-z]{3,}", w.strip())})
-    return spellingbee_items(words, cfg.spellingbee_items, cfg.spellingbee_seed)
+    archive = pypi.download(package, version, sha, Path(download_dir) / "pypi")
+    return sorted({w.strip().lower() for _, data in pypi.iter_members(archive, members)
+                   for w in data.decode().splitlines() if re.fullmatch(r"[A-Za-z]{3,}", w.strip())})
 
 
 # ---------------------------------------------------------------- formats
