@@ -31,6 +31,29 @@ def parse_hf(ref: str) -> tuple[str, str | None] | None:
     return m["repo"], m["rev"]
 
 
+# The chat models, newest stage first: what `chatforge chat` and `serve` talk to when no --model is given.
+CHAT_MODELS = ("rl", "sft", "mid", "base")
+
+
+def default_model(store: Store) -> str:
+    """The ref of the newest chat model in the store (rl, else sft, else mid, else base): `<stage>/latest`."""
+    refs = store.refs()
+    for stage in CHAT_MODELS:
+        if f"{stage}/latest" in refs:
+            return f"{stage}/latest"
+    raise StoreError(f"no trained model in {store.url}: run `chatforge run --preset tiny` first, or pass --model REF")
+
+
+def pick_model(ref: str | None, store: Store, log=None) -> str:
+    """`ref`, or when it is None the newest chat model (`default_model`), announced through `log`."""
+    if ref is not None:
+        return ref
+    ref = default_model(store)
+    if log is not None:
+        log(f"chatforge: no --model given: using {ref} ({store.resolve(ref)[:12]}), the newest chat model in {store.url}")
+    return ref
+
+
 def resolve_model(ref: str, store: Store) -> Path:
     """A local, verified directory holding the artifact `ref` names (pulled from the Hub if need be)."""
     if parse_hf(ref):

@@ -37,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    run = sub.add_parser("run", help="run the pipeline; finished stages come from the store")
+    run_help = ("run the pipeline; finished stages come from the store. Ends with a summary from the ledger: each stage "
+                "(cached or computed, wall time, $), the scores, totals, the store and the commands to run next")
+    run = sub.add_parser("run", help=run_help, description=run_help[0].upper() + run_help[1:] + ".")
     _config_args(run)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs only what it needs; `--dry-run` lists the stages)")
     run.add_argument("--force", metavar="STAGE", action="append", default=[], help="recompute this stage even if cached (repeatable)")
@@ -50,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     stage.add_argument("--force", action="store_true", help="recompute even if cached")
 
     chat = sub.add_parser("chat", help="chat with a checkpoint in the terminal (streaming)")
-    chat.add_argument("--model", required=True, help="a ref (base/latest), a key, or hf://org/repo[@rev]")
+    chat.add_argument("--model", default=None, help="a ref (sft/latest, base/latest), a key, or hf://org/repo[@rev] "
+                      "(default: the newest chat model in the store: rl, else sft, else mid, else base)")
     chat.add_argument("-p", "--prompt", help="ask one question, print the reply and exit")
     chat.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
     chat.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = off (default 50)")
@@ -72,9 +75,12 @@ def parser() -> argparse.ArgumentParser:
     store_opt = argparse.ArgumentParser(add_help=False)
     store_opt.add_argument("--store", default=None, help=STORE_HELP)
     asub.add_parser("ls", parents=[store_opt], help="list committed artifacts with their keys and refs")
-    show = asub.add_parser("show", parents=[store_opt], help="print an artifact's manifest")
+    show_help = "describe an artifact: kind, refs, lineage, config, metrics, files, and its reports, tables and samples"
+    show = asub.add_parser("show", parents=[store_opt], help=show_help, description=show_help[0].upper() + show_help[1:] + ".")
     show.add_argument("ref", help="a ref (tokenizer/latest), a key or a unique key prefix")
-    show.add_argument("--report", action="store_true", help="print the artifact's markdown report(s) (eval tables, compression, decontamination) instead of its manifest")
+    fmt = show.add_mutually_exclusive_group()
+    fmt.add_argument("--report", action="store_true", help="print only the artifact's markdown report(s) (eval tables, compression, decontamination)")
+    fmt.add_argument("--json", action="store_true", help="print the raw manifest.json (kind, config, parents, files with sha256, metrics)")
     ver = asub.add_parser("verify", parents=[store_opt], help="check sizes and sha256 of every file; corrupt artifacts are moved aside so they get recomputed")
     ver.add_argument("refs", nargs="*", help="refs or keys (default: all)")
     gc = asub.add_parser("gc", parents=[store_opt], help="delete temporary data, trash and artifacts no ref reaches")
@@ -170,11 +176,41 @@ def cmd_run(args) -> int:
     from flows.pipeline import pipeline
 
     t0 = time.perf_counter()
-    keys = pipeline(config=cfg, until=args.until, force=args.force, store=store.url)
-    for stage, key in keys.items():
-        print(f"{stage:<10} {key}")
-    print(f"done in {time.perf_counter() - t0:.1f} s; artifacts in {store.url}")
+    state = pipeline(config=cfg, until=args.until, force=args.force, store=store.url, return_state=True)
+    state.result()  # re-raises the error of a failed stage
+    elapsed = time.perf_counter() - t0
+    _quiet_prefect()
+    print(_summary(store, str(state.state_details.flow_run_id), args, elapsed), end="", flush=True)
     return 0
+
+
+def _summary(store, run_id: str, args, elapsed: float | None = None) -> str:
+    from artifacts.summary import run_summary
+    from tasks.registry import STAGES
+    from tasks.stage import upstream
+
+    ran = {s.name for s in upstream(STAGES, args.until)} if args.until else {s.name for s in STAGES}
+    return run_summary(store, run_id, hints=_hints(), store_arg=args.store, until=args.until,
+                       not_run=[s.name for s in STAGES if s.name not in ran], elapsed=elapsed)
+
+
+def _hints() -> dict[str, str]:
+    from tasks.registry import STAGES
+
+    return {s.name: s.missing_data_hint for s in STAGES if s.missing_data_hint}
+
+
+def _quiet_prefect() -> None:
+    """Flush Prefect's logs and stop a temporary server now, so that nothing Prefect says follows the summary."""
+    _drain_prefect()
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    except Exception:  # noqa: BLE001 - best effort; an internal API may move (then Prefect stops it at exit)
+        pass
+    sys.stderr.flush()
 
 
 def _dry_run(cfg, store, until) -> int:
@@ -219,13 +255,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from artifacts.models import resolve_model
+    from artifacts.models import pick_model, resolve_model
     from artifacts.store import Store
     from serve.terminal import chat
 
     if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= 4096:
         raise KeyError("chat: --temperature must be in 0..2, --top-k in 0..200, --max-tokens in 1..4096")
-    path = resolve_model(args.model, Store(args.store))
+    store = Store(args.store)
+    path = resolve_model(pick_model(args.model, store, log=lambda m: print(m, file=sys.stderr)), store)
     return chat(path, args.prompt, args.temperature, args.top_k or None, args.max_tokens, device=args.device)
 
 
@@ -254,13 +291,19 @@ def cmd_artifacts(args) -> int:
             print(f"{m.key[:12]}  {m.stage:<13} {m.kind:<10} {m.created[:19]}  {size:9.2f} MB  {', '.join(refs.get(m.key, []))}")
         return 0
     if args.acmd == "show":
-        m = store.get(store.resolve(args.ref))
-        if not args.report:
-            print(json.dumps(m.to_dict(), indent=1))
+        key = store.resolve(args.ref)
+        if args.json:
+            print(json.dumps(store.get(key).to_dict(), indent=1))
             return 0
+        if not args.report:
+            from artifacts.summary import describe
+
+            print(describe(store, key, hints=_hints), end="")
+            return 0
+        m = store.get(key)
         reports = sorted(name for name in m.files if name.endswith(".md"))
         if not reports:
-            raise ConfigError(f"{args.ref} ({m.stage}) has no markdown report: run without --report for its manifest")
+            raise ConfigError(f"{args.ref} ({m.stage}) has no markdown report: run without --report for its summary")
         for name in reports:
             print(f"## {m.stage} {m.key[:12]}: {name}\n\n" + (store.local_path(m.key) / name).read_text())
         return 0

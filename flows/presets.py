@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 from model.config import (
-    BaseConfig, BaseEvalConfig, ChatEvalConfig, ChatEvalsetConfig, CoreEvalsetConfig, DataConfig, HubSource, PipelineConfig,
-    TokenizerConfig,
+    BaseConfig, BaseEvalConfig, ChatEvalConfig, ChatEvalsetConfig, CoreEvalsetConfig, DataConfig, HubSource, MidConfig,
+    MixtureConfig, MixtureEntry, PipelineConfig, RlConfig, SftConfig, TokenizerConfig,
 )
 
 # FineWeb-edu as nanochat ships it: ~250M characters per shard, ~4.8 characters per token of its
@@ -61,7 +61,35 @@ def tiny() -> PipelineConfig:
     cfg.chat_evalset = ChatEvalsetConfig(source="pypi", spellingbee_items=64)
     cfg.base_eval = BaseEvalConfig(max_per_task=40, bpb_tokens=16384, batch_size=4, sample_tokens=16)
     cfg.chat_eval = ChatEvalConfig(max_per_task=32, max_new_tokens=64)
+    tiny_chat(cfg)
     return cfg
+
+
+def _mix(*entries: tuple, val: tuple = ()) -> MixtureConfig:
+    def entry(e: tuple, split: str) -> MixtureEntry:
+        return MixtureEntry(source=e[0], count=e[1] if len(e) > 1 else None, split=split)
+
+    return MixtureConfig(train=[entry(e, "train") for e in entries], val=[entry(e, "val") for e in val])
+
+
+def tiny_chat(cfg: PipelineConfig) -> None:
+    """mid, sft and rl offline in a few CPU minutes: ShareGPT conversations (pinned PyPI, demo use only) and
+    synthetic arithmetic-with-calculator, spelling and identity conversations; RL on arithmetic problems.
+
+    reasoning-gym's gsm_symbolic is not used here: its templates are GSM8K test problems with new names and
+    numbers (about 44% share a 13-gram with the GSM8K test set), and tiny's GSM8K eval items are such problems.
+    """
+    cfg.mid_data = _mix(("sharegpt", 40), ("arithmetic", 300), ("spelling", 100), ("spellingbee", 100), ("identity",),
+                        val=(("sharegpt", 10), ("arithmetic", 30)))
+    cfg.sft_data = _mix(("arithmetic", 150), ("spellingbee", 60), ("spelling", 40), ("identity",), ("sharegpt", 20),
+                        val=(("arithmetic", 20), ("sharegpt", 10)))
+    cfg.rl_data = _mix(("arithmetic", 64), val=(("arithmetic", 16),))
+    # the base model's batch geometry (2 streams of 4 × 256 tokens), one epoch of the mixture
+    cfg.mid = MidConfig(total_batch_size=2048, device_batch_size=4, eval_every=20, eval_tokens=8192,
+                        muon_momentum_warmup=20, checkpoint_every=20)
+    cfg.sft = SftConfig(examples_per_step=16, device_batch_size=8, eval_every=10, eval_examples=32, checkpoint_every=10)
+    cfg.rl = RlConfig(examples_per_step=4, num_samples=8, max_new_tokens=64, device_batch_size=8, eval_every=8,
+                      eval_examples=16, pass_k=4, checkpoint_every=8)
 
 
 PRESETS = {

@@ -260,7 +260,9 @@ class MidConfig(FinetuneOptim):
     """`mid` stage: conversations packed into one token stream at the base model's sequence length (nanochat v0's mid-training)."""
 
     total_batch_size: int = Field(524_288, ge=1, description="Tokens per optimizer step across all processes.")
-    device_batch_size: int = NotInKey(32, "Sequences per forward pass per process. Memory/speed only.")
+    device_batch_size: int = Field(32, ge=1, description=(
+        "Sequences per forward pass per process. In the key: it sets the data streams (total_batch_size / "
+        "(device_batch_size × sequence_len)), so which conversations each step's rows hold."))
     num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: one epoch of the mixture's train tokens.")
     warmdown_ratio: float = Field(0.2, ge=0, le=1, description="Constant LR, then linear decay to 0 over this last fraction of steps.")
     mask_loss: bool = Field(False, description="False: loss on every token (nanochat v0); True: only on assistant tokens (the render mask).")
@@ -280,7 +282,9 @@ class SftConfig(FinetuneOptim):
     muon_momentum_warmup: int = Field(0, ge=0, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
     muon_momentum_start: float = Field(0.95, ge=0, lt=1, description="Muon momentum at step 0.")
     examples_per_step: int = Field(32, ge=1, description="Conversations per optimizer step across all processes.")
-    device_batch_size: int = NotInKey(4, "Conversations per forward pass per process. Memory/speed only.")
+    device_batch_size: int = Field(4, ge=1, description=(
+        "Conversations per forward pass per process. In the key: the loss of a micro-batch is the mean over its "
+        "counted targets (nanochat), so the grouping changes the result."))
     num_epochs: int = Field(1, ge=1, description="Passes over the mixture's train conversations.")
     num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: num_epochs × conversations / examples_per_step.")
     eval_every: int = Field(100, ge=1, description="Steps between val loss evaluations (and at the last step).")
@@ -304,7 +308,9 @@ class RlConfig(FinetuneOptim):
     top_k: int = Field(50, ge=0, description="Sample from the k most likely tokens (0 = all).")
     num_epochs: int = Field(1, ge=1, description="Passes over the problems.")
     num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: num_epochs × problems / examples_per_step.")
-    device_batch_size: int = NotInKey(8, "Sequences per generation / forward pass per process. Memory/speed only.")
+    device_batch_size: int = Field(8, ge=1, description=(
+        "Samples per generation batch and per forward/backward pass. In the key: the batches' sampling seeds and "
+        "the loss normalization (valid tokens per batch, nanochat v0) depend on it."))
     eval_every: int = Field(60, ge=1, description="Steps between pass@k evaluations on the held-out training problems (and at the end).")
     eval_examples: int = Field(400, ge=1, description="Held-out problems per pass@k evaluation.")
     pass_k: int = Field(8, ge=1, description="pass@1..pass@k are reported (k ≤ num_samples).")
@@ -375,10 +381,8 @@ class BaseEvalConfig(Section):
 
 
 class ChatEvalConfig(Section):
-    """`chat_eval` stage: the chat tasks and ChatCORE of a checkpoint."""
+    """`chat_eval_*` stages: the chat tasks and ChatCORE of a checkpoint (one stage per checkpoint: base, mid, sft, rl)."""
 
-    checkpoint: Literal["base"] = Field(
-        "base", description="Which checkpoint to evaluate. Only `base` exists so far; mid/sft/rl join when their stages do.")
     max_per_task: int | None = Field(None, ge=1, description="At most this many items per task (a seed-1337 shuffle picks them); None: all.")
     max_new_tokens: int = Field(256, ge=1, description="Generation budget per item for GSM8K, HumanEval and SpellingBee (greedy).")
     batch_size: int = NotInKey(16, "Prompts per forward pass / generation batch.")

@@ -16,12 +16,14 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
-def resolve_artifact(model_ref: str, store_url: str | None) -> Path:
-    """The local, verified directory of the checkpoint `model_ref` names (key, ref or hf://org/repo[@rev])."""
-    from artifacts.models import resolve_model
+def resolve_artifact(model_ref: str | None, store_url: str | None) -> Path:
+    """The local, verified directory of the checkpoint `model_ref` names (key, ref or hf://org/repo[@rev]);
+    None: the newest chat model in the store, announced on stderr."""
+    from artifacts.models import pick_model, resolve_model
     from artifacts.store import Store
 
-    return resolve_model(model_ref, Store(store_url))
+    store = Store(store_url)
+    return resolve_model(pick_model(model_ref, store, log=lambda m: print(m, file=sys.stderr)), store)
 
 
 def artifact_key(artifact_dir: Path) -> str:
@@ -46,7 +48,7 @@ def _check_port(host: str, port: int) -> None:
             raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another port with --port") from None
 
 
-def serve_main(model_ref: str, store_url: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+def serve_main(model_ref: str | None, store_url: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                workers: int | None = None, device: str = "auto") -> int:
     """Serve `model_ref` over HTTP until Ctrl-C (then returns 0; SIGTERM ends the process after a graceful shutdown).
 
@@ -63,6 +65,11 @@ def serve_main(model_ref: str, store_url: str | None = None, host: str = DEFAULT
     except ValueError as e:
         raise InputError(str(e)) from None
     _check_port(host, port)
+    if model_ref is None:  # the newest chat model; its ref is also the model's name in the API
+        from artifacts.models import pick_model
+        from artifacts.store import Store
+
+        model_ref = pick_model(None, Store(store_url), log=lambda m: print(m, file=sys.stderr))
     artifact_dir = resolve_artifact(model_ref, store_url)
     key = artifact_key(artifact_dir)
     if all(d == "cpu" for d in devices) and len(devices) > 1:
@@ -88,7 +95,8 @@ def serve_main(model_ref: str, store_url: str | None = None, host: str = DEFAULT
 
 def add_arguments(p) -> None:
     """The `chatforge serve` options on an argparse (sub)parser."""
-    p.add_argument("--model", required=True, help="a ref (base/latest), a key, or hf://org/repo[@rev]")
+    p.add_argument("--model", default=None, help="a ref (sft/latest, base/latest), a key, or hf://org/repo[@rev] "
+                   "(default: the newest chat model in the store: rl, else sft, else mid, else base)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--workers", type=int, default=None,

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible chat API (the subset chatforge serves).
 
 Requests are validated here (types, ranges, size limits); the conversation's role order is checked by
-`model.conversation.render_for_completion`. Fields OpenAI defines that chatforge does not use (top_p,
+`model.chat.conversation.fit_completion`. Fields OpenAI defines that chatforge does not use (top_p,
 presence_penalty, user, ...) are accepted and ignored so that ordinary clients work unchanged.
 """
 from __future__ import annotations

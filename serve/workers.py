@@ -191,19 +191,12 @@ class WorkerPool:
     # ------------------------------------------------------------ requests
 
     def prepare(self, messages: list[dict], max_tokens: int | None) -> tuple[list[int], int]:
-        """(prompt token ids, reply budget). The prompt leaves room for the reply inside the model's context:
-        older turns are dropped by `render_for_completion` when the conversation is too long. Raises
-        `model.errors.InputError` for a conversation that cannot be rendered (bad role order...)."""
-        from model.chat.conversation import render_for_completion
-        from model.errors import InputError
+        """(prompt token ids, reply budget), both inside the model's context: `fit_completion`, the rule
+        `chatforge chat` follows too (older turns are dropped first). Raises `model.errors.InputError` for a
+        conversation that cannot be rendered (bad role order...) or whose last user turn cannot fit."""
+        from model.chat.conversation import fit_completion
 
-        ctx = self.sequence_len
-        reserve = min(max_tokens, ctx // 2) if max_tokens else max(1, ctx // 4)
-        prompt = render_for_completion(messages, self.tok, max_tokens=ctx - reserve)
-        room = ctx - len(prompt)
-        if room < 1:
-            raise InputError(f"the conversation needs {len(prompt)} tokens, more than the model's context of {ctx}: shorten it")
-        return prompt, min(max_tokens or room, room)
+        return fit_completion(messages, self.tok, self.sequence_len, max_tokens)
 
     def submit(self, prompt: list[int], max_tokens: int, temperature: float, top_k: int | None, seed: int) -> Job:
         """Queue a job (call from the event loop whose queue receives its events)."""

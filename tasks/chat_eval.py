@@ -1,7 +1,8 @@
-"""`chat_eval` stage: ARC-E/C, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE of a checkpoint (model/evals/chat_eval.py).
+"""`chat_eval_<checkpoint>` stages: ARC-E/C, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE of the base, mid,
+sft and rl checkpoints (model/evals/chat_eval.py), one eval artifact each, all with the `chat_eval` config.
 
-Only the base checkpoint exists so far, so that is what it evaluates (a base model has not learnt the chat
-format, so expect scores near the baselines); the mid/sft/rl stages will become its input when they exist.
+The base model has not learnt the chat format, so expect its scores near the baselines: it is the reference
+the chat stages are measured against.
 """
 from __future__ import annotations
 
@@ -10,25 +11,38 @@ from model.config import ChatEvalConfig
 from .launch import launch
 from .stage import StageContext, StageDef
 
-
-def compute(cfg: ChatEvalConfig, ctx: StageContext) -> dict:
-    spec = {
-        "config": cfg.model_dump(mode="json"),
-        "checkpoint_dir": str(ctx.inputs[cfg.checkpoint]),
-        "evalset_dir": str(ctx.inputs["chat_evalset"]),
-        "out_dir": str(ctx.out_dir),
-    }
-    metrics = launch("model.evals.chat_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log)
-    ctx.device.update(type=metrics["device_type"], count=metrics["world_size"], nodes=1)
-    value = metrics["score"]
-    ctx.log(f"chat_eval: {metrics['score_name']} {value:.4f}" if value is not None else "chat_eval: no chat set available")
-    return metrics
+CHECKPOINTS = ("base", "mid", "sft", "rl")
 
 
-STAGE = StageDef(
-    name="chat_eval", kind="eval", section="chat_eval", inputs=("base", "chat_evalset"),
-    code=("model.evals.chat_eval", "model.evals.chat_tasks", "model.evals.core_tasks", "model.evals.evalsets", "model.evals.sandbox", "model.chat.engine",
-          "model.chat.conversation", "model.nn.load", "model.nn.gpt", "model.train.runtime", "model.data.tokenizer", "model.chat.calculator"),
-    compute=compute, reports=("report.md",), tables=("chat_table.json",),
-    describe="Chat tasks (lettered MC by letter logits; GSM8K, HumanEval in a sandbox, SpellingBee by greedy generation) and ChatCORE.",
-)
+def _compute(checkpoint: str):
+    def compute(cfg: ChatEvalConfig, ctx: StageContext) -> dict:
+        spec = {
+            "config": cfg.model_dump(mode="json"),
+            "checkpoint": checkpoint,
+            "checkpoint_dir": str(ctx.inputs[checkpoint]),
+            "evalset_dir": str(ctx.inputs["chat_evalset"]),
+            "out_dir": str(ctx.out_dir),
+        }
+        metrics = launch("model.evals.chat_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log)
+        ctx.device.update(type=metrics["device_type"], count=metrics["world_size"], nodes=1)
+        value = metrics["score"]
+        ctx.log(f"chat_eval {checkpoint}: {metrics['score_name']} {value:.4f}" if value is not None
+                else f"chat_eval {checkpoint}: no chat set available")
+        return metrics
+
+    return compute
+
+
+def stage(checkpoint: str) -> StageDef:
+    return StageDef(
+        name=f"chat_eval_{checkpoint}", kind="eval", section="chat_eval", inputs=(checkpoint, "chat_evalset"),
+        code=("model.evals.chat_eval", "model.evals.chat_tasks", "model.evals.core_tasks", "model.evals.evalsets",
+              "model.evals.sandbox", "model.chat.engine", "model.chat.conversation", "model.nn.load", "model.nn.gpt",
+              "model.train.runtime", "model.data.tokenizer", "model.chat.calculator"),
+        compute=_compute(checkpoint), reports=("report.md",), tables=("chat_table.json",),
+        describe=f"Chat tasks of the {checkpoint} checkpoint (lettered MC by letter logits; GSM8K, HumanEval in a "
+                 "sandbox, SpellingBee by greedy generation) and ChatCORE.",
+    )
+
+
+STAGES = {c: stage(c) for c in CHECKPOINTS}

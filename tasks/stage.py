@@ -34,6 +34,8 @@ class StageDef:
     tables: tuple[str, ...] = ()  # JSON files (a list of row dicts) in the artifact shown as Prefect table artifacts
     # what the config names but does not contain (a local directory's files): hashed into the key
     fingerprint: Callable[[Section], dict] | None = None
+    # how to give the stage data it lacked (an evalset with no source): printed with a suite that did not run
+    missing_data_hint: str = ""
 
     def config(self, cfg: PipelineConfig) -> Section:
         return getattr(cfg, self.section)

@@ -1,8 +1,11 @@
-"""Helpers shared by tests: a deterministic corpus, the --set lines for a small run, a free port."""
+"""Helpers shared by tests: a deterministic corpus, the --set lines for a small run, a free port, the CLI's
+environment, a fake Hugging Face Hub."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import socket
 from pathlib import Path
 
@@ -21,6 +24,58 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cli_env(api_url: str) -> dict:
+    """This process's environment for a CLI subprocess, pointed at the Prefect server `api_url`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    return {**env, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1"}
+
+
+def fake_hub(root: Path, monkeypatch) -> Path:
+    """Stand in for the Hugging Face Hub with a directory per repo under `root` (the Hub's layout): uploads
+    copy into it, snapshot downloads copy out of it. Returns `root`."""
+    import huggingface_hub
+
+    def create_repo(self, repo_id, **kw):
+        (root / repo_id).mkdir(parents=True, exist_ok=True)
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        shutil.copytree(folder_path, root / repo_id, dirs_exist_ok=True)
+        return type("Info", (), {"commit_url": f"hub://{repo_id}/commit/1"})()
+
+    def snapshot_download(repo_id, revision=None, cache_dir=None, **kw):
+        if not (root / repo_id).exists():
+            import httpx
+
+            response = httpx.Response(404, request=httpx.Request("GET", "https://hub.invalid"))
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo_id} not found", response=response)
+        dest = Path(cache_dir) / repo_id.replace("/", "--")
+        shutil.copytree(root / repo_id, dest, dirs_exist_ok=True)
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return root
+
+
+def closing_summary(output: str) -> list[str]:
+    """The lines of `chatforge run`'s closing summary (artifacts/summary.py), from its last header to the end:
+    asserting on these also asserts that the summary is the last thing the run printed."""
+    assert "── chatforge run " in output, output[-3000:]
+    return output[output.rindex("── chatforge run "):].splitlines()
+
+
+def summary_keys(stdout: str, store) -> dict[str, str]:
+    """stage → full key of each stage in the table of a run's closing summary (its 12-character keys,
+    resolved in `store`), in the order the stages ran."""
+    import re
+
+    from artifacts.store import Store
+
+    rows = re.findall(r"^  (\w+)\s+(?:computed|cached|failed)\s.*\s([0-9a-f]{12})\b", stdout, re.M)
+    return {stage: Store(str(store)).resolve(prefix) for stage, prefix in rows}
 
 
 SYLLABLES = "ka to ri me su na lo vi de pa ru sho ten mi ga bel or an is ex ul".split()

@@ -48,14 +48,10 @@ def render(messages: list[dict[str, Any]], tok, max_tokens: int | None = None) -
     for i, (role, content) in enumerate(turns):
         if role == "user":
             add(special("<|user_start|>") + tok.encode(content) + special("<|user_end|>"), 0)
-            continue
-        add(special("<|assistant_start|>"), 0)
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        for j, part in enumerate(parts):
-            open_, close, m = _PART_TOKENS[_part_type(part, i, j)]
-            body = tok.encode(part["text"])
-            add((special(open_) if open_ else []) + body + (special(close) if close else []), m)
-        add(special("<|assistant_end|>"), 1)
+        else:
+            turn_ids, turn_mask = _assistant_turn(content, tok, i)
+            ids.extend(turn_ids)
+            mask.extend(turn_mask)
     if max_tokens is not None:
         if max_tokens < 1:
             raise InputError(f"max_tokens must be ≥ 1 (got {max_tokens}): pass a positive token budget or None")
@@ -77,6 +73,45 @@ def render_for_completion(messages: list[dict[str, Any]], tok, max_tokens: int |
             raise InputError(f"max_tokens {max_tokens} cannot hold <|bos|> and <|assistant_start|>: use at least 2")
         ids = ids[:1] + ids[len(ids) - (max_tokens - 1):]
     return ids
+
+
+def fit_completion(messages: list[dict[str, Any]], tok, context: int, max_tokens: int | None = None) -> tuple[list[int], int]:
+    """(prompt, reply budget) for the next assistant turn, both inside a model context of `context` tokens:
+    `len(prompt) + budget <= context`. The one budgeting rule of `chatforge chat` and `chatforge serve`.
+
+    The reply is promised `min(max_tokens, context // 2)` tokens (`context // 4` when `max_tokens` is None):
+    while the prompt leaves less room than that, the oldest user/assistant exchanges are dropped, whole (a
+    system message stays, merged into the first user turn that is kept). The last user turn is never cut:
+    when it (with the system message) leaves no room for even one reply token, `InputError`. The budget is
+    then what the prompt leaves, at most `max_tokens` (all of it when `max_tokens` is None)."""
+    if context < 2:
+        raise InputError(f"a context of {context} tokens cannot hold a prompt and a reply: use a model with a longer context")
+    if max_tokens is not None and max_tokens < 1:
+        raise InputError(f"max_tokens must be ≥ 1 (got {max_tokens}): pass a positive reply budget or None")
+    _turns(messages)  # the whole conversation must be valid
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system):]  # user, assistant, ..., user
+    # every turn after the first kept one renders to the same tokens whatever is dropped before it
+    after = [0] * (len(rest) + 1)
+    for i in range(len(rest) - 1, -1, -1):
+        role, content = rest[i]["role"], rest[i]["content"]
+        after[i] = after[i + 1] + (len(tok.encode(content)) + 2 if role == "user" else len(_assistant_turn(content, tok, i)[0]))
+    reserve = min(max_tokens, context // 2) if max_tokens else max(1, context // 4)
+    start = 0
+    while True:
+        first = render_for_completion(system + rest[start:start + 1], tok)  # <|bos|> first user turn <|assistant_start|>
+        length = len(first) + after[start + 1]
+        if length <= context - reserve or start == len(rest) - 1:
+            break
+        start += 2
+    if length >= context:
+        what = "the system message and the last user message need" if system else "the last user message needs"
+        raise InputError(f"{what} {length} prompt tokens, but the model's context holds {context} (with at least "
+                         f"one token for the reply): shorten it")
+    room = context - length
+    return render_for_completion(system + rest[start:], tok), min(max_tokens or room, room)
 
 
 def _turns(messages) -> list[tuple[str, Any]]:
@@ -114,9 +149,38 @@ def _turns(messages) -> list[tuple[str, Any]]:
     return turns
 
 
+def _assistant_turn(content, tok, turn: int) -> tuple[list[int], list[int]]:
+    """Token ids and mask of one assistant turn, `<|assistant_start|>` to `<|assistant_end|>`."""
+    ids, mask = [tok.special_id("<|assistant_start|>")], [0]
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    for j, part in enumerate(parts):
+        open_, close, m = _PART_TOKENS[_part_type(part, turn, j)]
+        piece = ([tok.special_id(open_)] if open_ else []) + tok.encode(part["text"]) + ([tok.special_id(close)] if close else [])
+        ids.extend(piece)
+        mask.extend([m] * len(piece))
+    ids.append(tok.special_id("<|assistant_end|>"))
+    mask.append(1)
+    return ids, mask
+
+
 def _part_type(part, turn: int, index: int) -> str:
     if not isinstance(part, dict) or part.get("type") not in _PART_TOKENS or not isinstance(part.get("text"), str):
         raise InputError(
             f"part {index} of assistant turn {turn} must be {{'type': 'text'|'python'|'python_output', 'text': str}}: fix the part"
         )
     return part["type"]
+
+
+def validate(messages) -> None:
+    """Raise InputError (one line) unless `messages` is a conversation in the schema above whose assistant
+    turns are all non-empty: an assistant turn that is an empty (or whitespace-only) string, has no parts,
+    or only text parts that are empty is refused, as is a malformed part."""
+    _turns(messages)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        types = [_part_type(part, i, j) for j, part in enumerate(parts)]
+        if all(t == "text" for t in types) and not any(part["text"].strip() for part in parts):
+            raise InputError(f"message {i} is an empty assistant turn: give every assistant turn some text (or drop the turn)")

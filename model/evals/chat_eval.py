@@ -347,11 +347,12 @@ def evaluate(spec: dict) -> dict:
                 r = rows[task]
                 print(f"chat_eval: {task}: {r['correct']}/{r['n']} = {r['accuracy']:.4f} (centered {r['centered']:.4f}) "
                       f"in {seconds[task]:.1f} s", file=sys.stderr, flush=True)
-    result = {**suite_result(rows, aggregate_name), "checkpoint": cfg.checkpoint}
+    checkpoint = spec.get("checkpoint", "base")  # the stage whose checkpoint this is (base, mid, sft, rl)
+    result = {**suite_result(rows, aggregate_name), "checkpoint": checkpoint}
     agg = result["aggregate"]
     name, value, covered = agg["name"], agg["value"], agg["tasks"]
     metrics = {"score": value, "score_name": name, "chat_tasks": len(covered), "chat_missing": agg["missing"],
-               "checkpoint": cfg.checkpoint, "device_type": rt.device_type(), "world_size": rt.world_size,
+               "checkpoint": checkpoint, "device_type": rt.device_type(), "world_size": rt.world_size,
                **{f"{t}_accuracy": rows[t]["accuracy"] for t in covered},
                "items_per_s": {t: rows[t]["n"] / seconds[t] for t in covered if seconds[t] > 0},
                "sandbox": isolation()}
@@ -360,7 +361,7 @@ def evaluate(spec: dict) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "chat_eval.json").write_text(json.dumps(result, indent=1, sort_keys=True))
         (out / "chat_table.json").write_text(json.dumps(table(result), indent=1))
-        (out / "report.md").write_text(markdown(result, cfg.checkpoint))
+        (out / "report.md").write_text(markdown(result, checkpoint))
         (out / "evals.json").write_text(json.dumps(eval_rows(result), indent=1))
     runtime.shutdown(rt)
     return metrics

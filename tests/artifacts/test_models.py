@@ -1,47 +1,17 @@
 """Hub push/pull on local files in the Hub's layout (the Hub itself is unreachable from tests)."""
-import shutil
-from pathlib import Path
-
-import huggingface_hub
 import pytest
 
 from artifacts.errors import ArtifactCorrupt, StoreError
 from artifacts.manifest import Manifest
-from artifacts.models import parse_hf, pull, push, resolve_model
+from artifacts.models import default_model, parse_hf, pick_model, pull, push, resolve_model
 from artifacts.store import Store
+from helpers import fake_hub
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A directory per repo standing in for the Hub; uploads copy into it, snapshots are read from it."""
-    root = tmp_path / "hub"
-    calls = {}
-
-    def create_repo(self, repo_id, **kw):
-        (root / repo_id).mkdir(parents=True, exist_ok=True)
-
-    def upload_folder(self, *, repo_id, folder_path, **kw):
-        calls["token_seen"] = kw.get("token")
-        shutil.copytree(folder_path, root / repo_id, dirs_exist_ok=True)
-        return type("Info", (), {"commit_url": f"hub://{repo_id}/commit/1"})()
-
-    def snapshot_download(repo_id, revision=None, cache_dir=None, **kw):
-        if not (root / repo_id).exists():
-            raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo_id} not found", response=_resp())
-        dest = Path(cache_dir) / repo_id.replace("/", "--")
-        shutil.copytree(root / repo_id, dest, dirs_exist_ok=True)
-        return str(dest)
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    return root
-
-
-def _resp():
-    import httpx
-
-    return httpx.Response(404, request=httpx.Request("GET", "https://hub.invalid"))
+    return fake_hub(tmp_path / "hub", monkeypatch)
 
 
 def _artifact(store: Store) -> str:
@@ -102,3 +72,20 @@ def test_local_refs_resolve_and_corrupt_ones_are_refused(tmp_path):
     (tmp_path / "s" / "artifacts" / key / "model.safetensors").write_bytes(b"W" + b"weights"[1:] + b"weights" * 99)
     with pytest.raises(ArtifactCorrupt):
         pull("base/latest", store)
+
+
+def test_default_model_is_the_newest_chat_stage(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(StoreError, match="no trained model in .*chatforge run --preset tiny"):
+        default_model(store)
+    store.set_ref("tokenizer/latest", "cd" * 32)  # not a chat model
+    with pytest.raises(StoreError):
+        default_model(store)
+    for i, stage in enumerate(("base", "mid", "sft")):
+        store.set_ref(f"{stage}/latest", f"{i}" * 64)
+        assert default_model(store) == f"{stage}/latest"
+    store.set_ref("base/tiny", "9" * 64)  # an older stage's newer ref does not win
+    assert default_model(store) == "sft/latest"
+    said = []
+    assert pick_model(None, store, log=said.append) == "sft/latest" and "sft/latest (222222222222)" in said[0]
+    assert pick_model("base/latest", store, log=said.append) == "base/latest" and len(said) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,21 +17,18 @@ import pytest
 
 from artifacts import catalog
 from artifacts.store import Store
-from helpers import sets_for, write_corpus
+from helpers import cli_env, closing_summary, sets_for, summary_keys, write_corpus
 
 pytestmark = pytest.mark.slow
 
-def cli_env(api_url: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    return {**env, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1"}
+def cli(args: list[str], env: dict, timeout: float = 300, merged: bool = False) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; `merged`: stderr into stdout, in the order written (what a terminal shows)."""
+    out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if merged else {"capture_output": True}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, text=True, timeout=timeout, **out)
 
 
-def cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run(store: Path, corpus: Path, env: dict, *extra: str, vocab: int = 1024) -> subprocess.CompletedProcess:
-    return cli(["run", "--store", str(store), "--until", "tokenizer", *sets_for(corpus, vocab), *extra], env)
+def run(store: Path, corpus: Path, env: dict, *extra: str, vocab: int = 1024, merged: bool = False) -> subprocess.CompletedProcess:
+    return cli(["run", "--store", str(store), "--until", "tokenizer", *sets_for(corpus, vocab), *extra], env, merged=merged)
 
 
 def ledger(store: Path, where: str = "true") -> list[tuple]:
@@ -66,7 +64,8 @@ def reference(tmp_path_factory, corpus, env):
     store = tmp_path_factory.mktemp("ref") / "store"
     r = run(store, corpus, env)
     assert r.returncode == 0, r.stderr[-3000:]
-    keys = dict(line.split() for line in r.stdout.splitlines() if line.startswith(("data ", "tokenizer ")))
+    keys = summary_keys(r.stdout, store)
+    assert list(keys) == ["data", "tokenizer"]
     return store, keys
 
 
@@ -84,16 +83,34 @@ def test_run_lists_then_is_all_cached_and_vocab_change_recomputes_only_tokenizer
     for stage, key in keys.items():
         assert key[:12] in ls.stdout and f"{stage}/latest" in ls.stdout
 
-    again = run(store, corpus, env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("Finished in state Cached(") == 2
+    again = run(store, corpus, env, merged=True)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert again.stdout.count("Finished in state Cached(") == 2
     assert ledger(store)[-2:] == [("data", True, "completed"), ("tokenizer", True, "completed")]
+    # the run ends with its summary, after everything Prefect logs: stages, cached or computed, totals, what next
+    lines = closing_summary(again.stdout)
+    head = re.match(r"── chatforge run ([0-9a-f-]{36}) \(tiny\) · 2 stages: 2 cached · \d.* end to end ─+$", lines[0])
+    assert head, lines[0]
+    assert ledger(store, f"run_id = '{head[1]}'") == [("data", True, "completed"), ("tokenizer", True, "completed")]
+    assert re.fullmatch(r"  stage\s+result\s+wall\s+cost\s+device\s+key", lines[1])
+    for line, stage in zip(lines[2:4], ("data", "tokenizer")):
+        assert re.fullmatch(rf"  {stage}\s+cached\s+\d+\.\d s\s+\$0\.00  cpu\s+{keys[stage][:12]}", line), line
+    assert re.fullmatch(r"  total\s+\d+\.\d s\s+\$0\.00  0 device-hours", lines[4]), lines[4]
+    assert "scores" not in lines and f"artifacts  {store}" in lines
+    nxt = lines[lines.index("next") + 1:]
+    assert nxt[0].startswith(f"  chatforge artifacts show tokenizer/latest --store {store}  # ")
+    assert nxt[1].startswith(f"  chatforge artifacts query \"select stage, cache_hit, wall_seconds, cost_usd from stage_runs where run_id = '{head[1]}'\"")
+    assert nxt[2].startswith("  (the same command without --until tokenizer goes on to ") and "base_eval" in nxt[2]
+    assert len(nxt) == 3
+    show = cli(nxt[0].split("#")[0].split()[1:], env)  # the suggested command works
+    assert show.returncode == 0 and show.stdout.startswith(f"tokenizer · tokenizer · {keys['tokenizer']}"), show.stderr
 
     bigger = run(store, corpus, env, vocab=1100)
     assert bigger.returncode == 0, bigger.stderr[-3000:]
     assert ledger(store)[-2:] == [("data", True, "completed"), ("tokenizer", False, "completed")]
-    new_keys = dict(line.split() for line in bigger.stdout.splitlines() if line.startswith(("data ", "tokenizer ")))
+    new_keys = summary_keys(bigger.stdout, store)
     assert new_keys["data"] == keys["data"] and new_keys["tokenizer"] != keys["tokenizer"]
+    assert re.search(r"^  data\s+cached\s.*\n  tokenizer\s+computed\s", bigger.stdout, re.M)
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
@@ -260,10 +277,12 @@ def test_runs_without_any_prefect_server(reference, corpus, tmp_path):
     """No PREFECT_API_URL and no server: the CLI starts a temporary one and the cache still answers."""
     store = fresh(reference, tmp_path)
     env = {**cli_env(""), "PREFECT_HOME": str(tmp_path / "prefect")}
-    r = run(store, corpus, env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Starting temporary server" in r.stderr
-    assert r.stderr.count("Finished in state Cached(") == 2
+    r = run(store, corpus, env, merged=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "Starting temporary server" in r.stdout
+    assert r.stdout.count("Finished in state Cached(") == 2
+    # the temporary server is stopped before the summary, so that the summary is still the last thing printed
+    assert "Stopping temporary server" in r.stdout and "Stopping temporary server" not in "\n".join(closing_summary(r.stdout))
 
 
 def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env, tmp_path):

@@ -1,11 +1,11 @@
-"""The chat format: token layout, training mask, system merge, role checks, truncation."""
+"""The chat format: token layout, training mask, system merge, role checks, truncation, context budgeting."""
 from __future__ import annotations
 
 import pytest
 from tokenizers import pre_tokenizers, trainers
 
 from model.config import SPECIAL_TOKENS
-from model.chat.conversation import render, render_for_completion
+from model.chat.conversation import fit_completion, render, render_for_completion
 from model.errors import InputError
 from model.data.tokenizer import Tokenizer, _untrained
 
@@ -126,3 +126,71 @@ def test_render_for_completion_checks_the_conversation(tok):
         render_for_completion([{"role": "system", "content": "s"}], tok)
     with pytest.raises(InputError, match="at least 2"):
         render_for_completion([{"role": "user", "content": "Hello there"}], tok, max_tokens=1)
+
+
+# ------------------------------------------------------------------ fit_completion: prompt + reply inside the context
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_fit_when_max_tokens_equals_the_context(tok):
+    """`chatforge chat` on the tiny model: --max-tokens 256 (the default) and a 256-token context."""
+    messages = [user("The capital of France is")]
+    prompt, budget = fit_completion(messages, tok, context=256, max_tokens=256)
+    assert prompt == render_for_completion(messages, tok)
+    assert budget == 256 - len(prompt) and budget > 0
+
+
+def test_fit_reply_budget_is_max_tokens_or_what_is_left(tok):
+    messages = [user("Hello there")]
+    n = len(render_for_completion(messages, tok))
+    assert fit_completion(messages, tok, context=64, max_tokens=10) == (render_for_completion(messages, tok), 10)
+    assert fit_completion(messages, tok, context=64, max_tokens=4096)[1] == 64 - n
+    assert fit_completion(messages, tok, context=64, max_tokens=None)[1] == 64 - n  # no limit: all that is left
+    # a trailing assistant message is dropped, as render_for_completion does
+    assert fit_completion(messages + [bot("Hi")], tok, context=64)[0] == render_for_completion(messages, tok)
+
+
+def test_fit_drops_the_oldest_exchanges_whole_and_keeps_the_system_message(tok):
+    old = "Hello there, how are you? I am fine. " * 4
+    system = {"role": "system", "content": "Be brief."}
+    messages = [system, user(old), bot(old), user(old), bot("It is 3."), user("What is 1+2?")]
+    full = render_for_completion(messages, tok)
+    one_dropped = render_for_completion([system, *messages[3:]], tok)
+    two_dropped = render_for_completion([system, messages[-1]], tok)
+    assert len(full) > len(one_dropped) > len(two_dropped)
+    # the reply is promised half the context: the prompt keeps the most recent exchanges that leave it that room
+    for context, expected in [(2 * len(one_dropped), one_dropped), (2 * len(one_dropped) - 2, two_dropped), (2 * len(full), full)]:
+        prompt, budget = fit_completion(messages, tok, context=context, max_tokens=context)
+        assert prompt == expected and budget == context - len(expected) and budget >= context // 2, context
+    # a smaller reply budget leaves room for every turn
+    assert fit_completion(messages, tok, context=len(full) + 8, max_tokens=8) == (full, 8)
+    # an oversized old message costs only its own exchange
+    short = [user(old * 5), bot("ok"), user("Hi"), bot("Hello"), user("What is 1+2?")]
+    tail = render_for_completion(short[2:], tok)
+    assert fit_completion(short, tok, context=len(tail) + 20, max_tokens=20) == (tail, 20)
+
+
+def test_fit_keeps_a_long_last_message_whole_while_one_reply_token_fits(tok):
+    messages = [user("Hello there, how are you? I am fine. " * 6)]
+    n = len(render_for_completion(messages, tok))
+    assert fit_completion(messages, tok, context=n + 1, max_tokens=256) == (render_for_completion(messages, tok), 1)
+    with pytest.raises(InputError, match=f"the last user message needs {n} prompt tokens, but the model's context holds {n}"):
+        fit_completion(messages, tok, context=n, max_tokens=256)
+    with_system = [{"role": "system", "content": "Be brief."}, *messages]
+    with pytest.raises(InputError, match="the system message and the last user message need .* shorten it"):
+        fit_completion(with_system, tok, context=n + 1, max_tokens=1)
+
+
+def test_fit_checks_its_arguments(tok):
+    with pytest.raises(InputError, match="'user' was expected"):
+        fit_completion([user("a"), bot("b"), bot("c")], tok, context=64)
+    with pytest.raises(InputError, match="max_tokens must be"):
+        fit_completion([user("a")], tok, context=64, max_tokens=0)
+    with pytest.raises(InputError, match="context of 1 tokens"):
+        fit_completion([user("a")], tok, context=1)
