@@ -373,10 +373,17 @@ def run_summary(store: Store, run_id: str, *, hints: dict[str, str] | None = Non
     scored = [s for s in runs if s.result != "failed" and headline(s.metrics)]
     if scored:
         out += ["", "scores"]
+        explained: dict[tuple[str, ...], str] = {}  # several evals of one evalset share one explanation
         for s in scored:
             out.append(f"  {s.stage:<{w}}  " + " · ".join(headline(s.metrics)))
             m = Manifest(key=s.key, kind=s.kind, stage=s.stage, config={}, parents=s.parents, code={}, metrics=s.metrics)
-            out += _wrap(missing_data(store, m, hints), " " * (w + 4))
+            why = tuple(missing_data(store, m, hints))
+            if why and why in explained:
+                missing = f"{why[0]} · " if why[0][0].isdigit() else ""  # "N not run (data unavailable): …"
+                out += _wrap([f"{missing}why and how: as for {explained[why]}"], " " * (w + 4))
+            else:
+                explained.setdefault(why, s.stage)
+                out += _wrap(list(why), " " * (w + 4))
 
     out += ["", f"artifacts  {store.url}"]
     nxt: list[tuple[str, str]] = []

@@ -79,17 +79,19 @@ def tiny_chat(cfg: PipelineConfig) -> None:
     reasoning-gym's gsm_symbolic is not used here: its templates are GSM8K test problems with new names and
     numbers (about 44% share a 13-gram with the GSM8K test set), and tiny's GSM8K eval items are such problems.
     """
-    cfg.mid_data = _mix(("sharegpt", 40), ("arithmetic", 300), ("spelling", 100), ("spellingbee", 100), ("identity",),
+    # short conversations that end their turn (identity, arithmetic) outweigh the letter-by-letter ones, which a
+    # model this small otherwise copies into every reply; identity is listed twice (oversampled)
+    cfg.mid_data = _mix(("sharegpt", 30), ("arithmetic", 300), ("identity",), ("identity",), ("spelling", 50),
                         val=(("sharegpt", 10), ("arithmetic", 30)))
-    cfg.sft_data = _mix(("arithmetic", 150), ("spellingbee", 60), ("spelling", 40), ("identity",), ("sharegpt", 20),
+    cfg.sft_data = _mix(("arithmetic", 150), ("identity",), ("identity",), ("spellingbee", 30), ("sharegpt", 20),
                         val=(("arithmetic", 20), ("sharegpt", 10)))
-    cfg.rl_data = _mix(("arithmetic", 64), val=(("arithmetic", 16),))
+    cfg.rl_data = _mix(("arithmetic", 32), val=(("arithmetic", 8),))
     # the base model's batch geometry (2 streams of 4 × 256 tokens), one epoch of the mixture
     cfg.mid = MidConfig(total_batch_size=2048, device_batch_size=4, eval_every=20, eval_tokens=8192,
                         muon_momentum_warmup=20, checkpoint_every=20)
     cfg.sft = SftConfig(examples_per_step=16, device_batch_size=8, eval_every=10, eval_examples=32, checkpoint_every=10)
-    cfg.rl = RlConfig(examples_per_step=4, num_samples=8, max_new_tokens=64, device_batch_size=8, eval_every=8,
-                      eval_examples=16, pass_k=4, checkpoint_every=8)
+    cfg.rl = RlConfig(examples_per_step=4, num_samples=8, max_new_tokens=48, device_batch_size=8, eval_every=8,
+                      eval_examples=8, pass_k=4, checkpoint_every=4)
 
 
 PRESETS = {

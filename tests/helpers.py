@@ -105,6 +105,7 @@ def sets_for(corpus: Path, vocab: int = 1024) -> list[str]:
         "--set", "tokenizer.reference_encodings=[]",
         *SMALL_BASE,
         *OFFLINE_EVALS,
+        *SMALL_CHAT,
     ]
 
 
@@ -113,6 +114,24 @@ OFFLINE_EVALS = [
     "--set", "core_evalset.url=null", "--set", "chat_evalset.source=none", "--set", "chat_evalset.spellingbee_items=0",
     "--set", "base_eval.max_per_task=2", "--set", "base_eval.bpb_tokens=1024", "--set", "base_eval.batch_size=4",
     "--set", "base_eval.sample_tokens=4", "--set", "chat_eval.max_per_task=2", "--set", "chat_eval.max_new_tokens=8",
+]
+
+
+def _mixture(train: int, identity: bool = True) -> str:
+    """A conversation mixture from the generated sources that need no download (RL: only problems with answers)."""
+    entries = [{"source": "arithmetic", "count": train}] + ([{"source": "identity", "count": 8}] if identity else [])
+    return json.dumps({"train": entries, "val": [{"source": "arithmetic", "split": "val", "count": 4}]}, separators=(",", ":"))
+
+
+# mid, sft and rl of SMALL_BASE's model in a few seconds each, on offline generated conversations.
+SMALL_CHAT = [
+    "--set", f"mid_data={_mixture(48)}", "--set", f"sft_data={_mixture(24)}", "--set", f"rl_data={_mixture(8, identity=False)}",
+    "--set", "mid.total_batch_size=512", "--set", "mid.device_batch_size=4", "--set", "mid.eval_tokens=512",
+    "--set", "mid.num_iterations=4", "--set", "mid.checkpoint_every=2",
+    "--set", "sft.examples_per_step=8", "--set", "sft.device_batch_size=4", "--set", "sft.eval_examples=4",
+    "--set", "sft.num_iterations=3",
+    "--set", "rl.examples_per_step=2", "--set", "rl.num_samples=2", "--set", "rl.max_new_tokens=8",
+    "--set", "rl.device_batch_size=2", "--set", "rl.eval_examples=2", "--set", "rl.pass_k=2", "--set", "rl.num_iterations=2",
 ]
 
 

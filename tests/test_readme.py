@@ -273,14 +273,17 @@ def check_tests(r: None, command: str, monkeypatch) -> None:
 
 
 def check_chat_interactive(r: Readme, command: str, monkeypatch) -> None:
-    """The terminal chat, fed a message, `clear`, another message and `quit` on stdin."""
+    """The terminal chat with no --model: the newest chat model (rl after a tiny run), said so; fed a message,
+    `clear`, another message and `quit` on stdin."""
     out = r.sh(command, input="Hello\nclear\nWhat is 1+2?\nquit\n")
+    assert f"using rl/latest ({r.key('rl')[:12]})" in out.stderr, out.stderr[-2000:]
     assert out.stdout.count("bot> ") == 2 and "(history cleared)" in out.stderr, out.stderr[-2000:]
     assert "error" not in out.stderr
 
 
 def check_chat_prompt(r: Readme, command: str, monkeypatch) -> None:
-    """One question (-p) with the default --max-tokens (256 = the tiny model's whole context): a reply, exit 0."""
+    """One question (-p) with the default --max-tokens (256 = the tiny model's whole context): a reply, exit 0;
+    without --model the newest chat model answers."""
     out = r.sh(command)
     assert "first token after" in out.stderr and "error" not in out.stderr, out.stderr[-2000:]
 
@@ -294,14 +297,14 @@ def _push(r: Readme, command: str, monkeypatch) -> Path:
     return hub
 
 
-PUSH = "chatforge artifacts push base/latest hf://me/my-model"
+PUSH = "chatforge artifacts push sft/latest hf://me/my-model"
 
 
 def check_push(r: Readme, command: str, monkeypatch) -> None:
     """In-process on a fake Hub (no network here): the checkpoint's files and manifest land in me/my-model."""
     hub = _push(r, command, monkeypatch)
     manifest = json.loads((hub / "me" / "my-model" / "manifest.json").read_text())
-    assert manifest["key"] == r.key("base")
+    assert manifest["key"] == r.key("sft")
     assert (hub / "me" / "my-model" / "model.safetensors").is_file()
 
 
@@ -313,12 +316,13 @@ def check_chat_hub(r: Readme, command: str, monkeypatch) -> None:
     monkeypatch.setenv("CHATFORGE_HOME", str(store))
     rc, out = in_process(command, monkeypatch, stdin="Hello\nquit\n")
     assert rc == 0 and out.count("bot> ") == 1, out
-    pulled = json.loads((store / "refs" / "base" / "me--my-model.json").read_text())["key"]
-    assert pulled == r.key("base") and hub.is_dir()
+    pulled = json.loads((store / "refs" / "sft" / "me--my-model.json").read_text())["key"]
+    assert pulled == r.key("sft") and hub.is_dir()
 
 
 def check_serve(r: Readme, command: str, monkeypatch) -> None:
-    """Started (on a free port when 8000 is taken here), one chat completion and the web page, then Ctrl-C."""
+    """Started with no --model (on a free port when 8000 is taken here): the newest chat model, rl after a tiny
+    run, is served under its ref; one chat completion and the web page, then Ctrl-C."""
     import httpx
 
     command, port = with_port(command, 8000)
@@ -328,8 +332,9 @@ def check_serve(r: Readme, command: str, monkeypatch) -> None:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: "chatforge serve: chat at" in log.read_text(), 120, "the chat server", proc, log)
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                           json={"model": "base/latest", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
+                           json={"model": "rl/latest", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
         assert reply.status_code == 200, reply.text
+        assert "using rl/latest" in log.read_text() and reply.json()["model"] == "rl/latest"
         assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert httpx.get(f"{url}/", timeout=10).status_code == 200
     finally:
@@ -521,11 +526,12 @@ def check_force(r: Readme, command: str, monkeypatch) -> None:
 COMMANDS: dict[str, Callable] = {
     SETUP: check_setup,
     TESTS: check_tests,
-    "chatforge chat --model base/latest": check_chat_interactive,
+    "chatforge chat": check_chat_interactive,
+    'chatforge chat -p "What is 12 times 7?" --temperature 0': check_chat_prompt,
     'chatforge chat --model base/latest -p "The capital of France is" --temperature 0': check_chat_prompt,
     PUSH: check_push,
     "chatforge chat --model hf://me/my-model": check_chat_hub,
-    "chatforge serve --model base/latest": check_serve,
+    "chatforge serve": check_serve,
     "CHATFORGE_EVAL_DIR=../shared/data/eval chatforge run --preset tiny": check_core_run,
     "chatforge artifacts show base_eval/latest": check_show_base_eval,
     "python bench/eval_speed.py": check_eval_speed,
@@ -562,3 +568,16 @@ def test_readme_command(command, request, monkeypatch):
     check = COMMANDS[command]
     r = None if check in NEEDS_NO_STORE else request.getfixturevalue("readme")
     check(r, command, monkeypatch)
+
+
+@pytest.mark.slow
+def test_the_tiny_chat_model_learnt_the_chat_format(readme):
+    """On the model the README's first command trained: the SFT checkpoint closes its turns more often than the
+    base checkpoint (which never saw the chat tokens), and a chat checkpoint writes a well-formed calculator
+    call at least sometimes (the format, not the arithmetic; model/evals/chat_format.py)."""
+    from artifacts.store import Store
+
+    st = Store(str(readme.store))
+    m = {c: st.get(st.resolve(f"chat_eval_{c}/latest")).metrics for c in ("base", "mid", "sft", "rl")}
+    assert m["sft"]["ends_turn"] > m["base"]["ends_turn"], {c: v["ends_turn"] for c, v in m.items()}
+    assert max(m[c]["calculator_calls"] for c in ("mid", "sft", "rl")) > 0, {c: v["calculator_calls"] for c, v in m.items()}

@@ -318,9 +318,28 @@ class TokenLoader:
             pass
 
 
+def _doc_stream(row_groups: list[tuple[Path, int]], tokenizer, chunk_docs: int = 64) -> Iterator[np.ndarray]:
+    """The token stream of `row_groups` ([BOS] + ids per document, in order, looping), tokenized a few documents
+    at a time: the same tokens as `_tokenize_row_group`, without tokenizing a whole row group up front."""
+    bos = int(tokenizer.bos_id)
+    while True:
+        produced = 0
+        for path, index in row_groups:
+            texts = pq.ParquetFile(path).read_row_group(index, columns=["text"]).column(0).to_pylist()
+            for start in range(0, len(texts), chunk_docs):
+                flat: list[int] = []
+                for ids in tokenizer.encode_batch([t if t is not None else "" for t in texts[start:start + chunk_docs]]):
+                    flat.append(bos)
+                    flat.extend(ids)
+                produced += len(flat)
+                yield np.array(flat, dtype=np.int64)
+        if not produced:
+            raise InputError("the split yields no tokens: rebuild the dataset with the data stage")
+
+
 def iter_eval_batches(dataset_dir: Path, tokenizer, batch_size: int, seq_len: int, max_tokens: int,
                       rank: int = 0, world_size: int = 1, device: str = "cpu",
-                      threads: int = 2, split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed pass over the start of a split (val by default) for bits-per-byte: the same batches on every call.
 
     Exactly `steps = max(1, max_tokens // (batch_size * seq_len))` batches per rank, i.e. steps·B·T target
@@ -331,17 +350,21 @@ def iter_eval_batches(dataset_dir: Path, tokenizer, batch_size: int, seq_len: in
     - otherwise (a small split, e.g. one row group) every rank reads the single stream and takes
       batches r, r+W, r+2W, … of it, so the ranks still see disjoint tokens.
     The stream wraps around to its start if it is shorter than what is asked (tokens are then repeated).
+    The batches are TokenLoader's (B·T+1-token windows advancing by B·T), but documents are tokenized a few
+    at a time, so a pass costs the tokens it reads, not whole row groups.
     """
     steps = max(1, max_tokens // (batch_size * seq_len))
     row_groups, _ = _split_row_groups(Path(dataset_dir), split)
     strided = len(row_groups) >= world_size
-    loader = TokenLoader(dataset_dir, split, tokenizer, batch_size, seq_len,
-                         rank=rank if strided else 0, world_size=world_size if strided else 1,
-                         threads=threads, device=device, loop=True)
-    try:
-        for i in range(steps):
-            if not strided:  # batch rank + i·W of the shared stream
-                loader.skip(rank if i == 0 else world_size - 1)
-            yield next(loader)
-    finally:
-        loader.close()
+    mine = row_groups[rank::world_size] if strided else row_groups
+    stream, buf = _doc_stream(mine, tokenizer), np.empty(0, dtype=np.int64)
+    step = batch_size * seq_len
+    dev = torch.device(device)
+    for i in range(steps * (1 if strided else world_size)):
+        while len(buf) < step + 1:
+            buf = np.concatenate([buf, next(stream)])
+        window, buf = buf[: step + 1], buf[step:]
+        if not strided and i % world_size != rank:  # batch rank + i·W of the shared stream
+            continue
+        t = torch.from_numpy(window.copy()).to(dev)
+        yield t[:-1].view(batch_size, seq_len), t[1:].view(batch_size, seq_len)

@@ -56,11 +56,13 @@ from model.evals.chat_tasks import (CATEGORICAL, GENERATIVE, LETTERS, TASK_NAMES
                          humaneval_program, mc_letters, numbers_equal, spelling_answer, user_message)
 from model.config import ChatEvalConfig
 from model.chat.conversation import render_for_completion
+from model.chat.engine import Engine
 from model.evals.core_tasks import NOT_RUN, eval_rows, select, suite_result
 from model.errors import InputError
 from model.progress import progress
 from model.evals.evalsets import load_sets
 from model.nn.load import load_model
+from model.evals.chat_format import calculator_call_rate, turn_end_rate
 from model.evals.sandbox import isolation
 
 SANDBOX_STATUSES = ("passed", "failed", "timeout", "memory", "refused", "error")
@@ -105,8 +107,6 @@ class ModelAnswerer:
     """Answers with a GPT: letters from one right-padded forward pass per batch, replies from the Engine."""
 
     def __init__(self, model, tok, batch_size: int = 8, progress: Callable[[int], None] | None = None):
-        from model.chat.engine import Engine
-
         self.model, self.tok, self.batch_size = model.eval(), tok, max(1, batch_size)
         self.progress = progress or (lambda n: None)  # told how many prompts each finished batch held
         self.engine = Engine(model, tok)
@@ -315,6 +315,11 @@ def markdown(result: dict, checkpoint: str) -> str:
         else:
             lines.append(f"| {r['task']} | {r['type']} | {r['items']} | {r['accuracy']:.4f} | {r['baseline']:.3f} | "
                          f"{r['centered']:.4f} | {r['outcomes']} |")
+    if "format" in result:
+        f = result["format"]
+        lines += ["", f"Chat format (model/evals/chat_format.py): {f['ends_turn']:.1%} of replies to 32 fixed prompts end "
+                  f"their turn; {f['calculator_calls']:.1%} of 32 sampled replies to word problems hold a well-formed "
+                  "calculator call."]
     if agg["missing"]:
         lines += ["", f"{agg['name']} covers {', '.join(agg['tasks']) or 'no task'}; not run (data unavailable): "
                   f"{', '.join(agg['missing'])}."]
@@ -349,10 +354,17 @@ def evaluate(spec: dict) -> dict:
                       f"in {seconds[task]:.1f} s", file=sys.stderr, flush=True)
     checkpoint = spec.get("checkpoint", "base")  # the stage whose checkpoint this is (base, mid, sft, rl)
     result = {**suite_result(rows, aggregate_name), "checkpoint": checkpoint}
+    if rt.main:  # the chat-format probes (model/evals/chat_format.py): fixed prompts, deterministic, cheap
+        engine = Engine(model, tok)
+        with rt.autocast():
+            result["format"] = {"ends_turn": turn_end_rate(engine, tok, cfg.max_new_tokens),
+                                "calculator_calls": calculator_call_rate(engine, tok, cfg.max_new_tokens)}
+        print(f"chat_eval: replies ending their turn {result['format']['ends_turn']:.3f}, with a well-formed "
+              f"calculator call {result['format']['calculator_calls']:.3f}", file=sys.stderr, flush=True)
     agg = result["aggregate"]
     name, value, covered = agg["name"], agg["value"], agg["tasks"]
     metrics = {"score": value, "score_name": name, "chat_tasks": len(covered), "chat_missing": agg["missing"],
-               "checkpoint": checkpoint, "device_type": rt.device_type(), "world_size": rt.world_size,
+               "checkpoint": checkpoint, **result.get("format", {}), "device_type": rt.device_type(), "world_size": rt.world_size,
                **{f"{t}_accuracy": rows[t]["accuracy"] for t in covered},
                "items_per_s": {t: rows[t]["n"] / seconds[t] for t in covered if seconds[t] > 0},
                "sandbox": isolation()}

@@ -212,3 +212,17 @@ def test_no_hint_when_the_reason_names_the_setting(tmp_path):
     assert "1 not run (data unavailable): spellingbee" in text
     assert "why: chat_evalset has no data for them (chat_evalset.spellingbee_items is 0)" in text
     assert "CHATFORGE_EVAL_DIR" not in text
+
+
+def test_evals_of_one_evalset_explain_a_missing_set_once(tmp_path):
+    s = Store(str(tmp_path / "store"))
+    commit(s, "chat_evalset", "evalset", {"sets.json": {
+        "gsm8k": {"status": "ok", "items": 1, "sha256": "b" * 64, "source": "local"},
+        "arc_easy": {"status": "not run: data unavailable", "reason": "no pypi source has it and no local file"}}}, {})
+    metrics = {"score": 0.5, "score_name": "ChatCORE-1 (partial)", "chat_missing": ["arc_easy"]}
+    for i, stage in enumerate(("chat_eval_base", "chat_eval_sft")):
+        commit(s, stage, "eval", {}, metrics, parents=("chat_evalset",))
+        ledger.append(s, row(stage, i, 10.0, metrics=metrics))
+    text = run_summary(s, RUN, hints={"chat_evalset": "CHATFORGE_EVAL_DIR=DIR"})
+    assert text.count("why: chat_evalset has no data for them") == 1 and text.count("CHATFORGE_EVAL_DIR=DIR") == 1
+    assert "1 not run (data unavailable): arc_easy · why and how: as for chat_eval_base" in text

@@ -220,6 +220,9 @@ def test_val_batches_are_deterministic(dataset, tok):
     # more than the split holds: wraps around, same count on every rank
     long = list(iter_eval_batches(dataset, tok, B, T, max_tokens=2 * len(ref)))
     assert len(long) == 2 * len(ref) // (B * T)
+    # the same batches as the training loader's pass over the split (tokenized a few documents at a time)
+    loader = TokenLoader(dataset, "val", tok, B, T, threads=0)
+    assert _same(long, [next(loader) for _ in range(len(long))])
 
 
 def test_val_batches_on_several_ranks(dataset, tok):
