@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from .store import Store
 
-# $ per device-hour. GPU prices follow nanochat's figure of ~$24/h for an 8×H100 node; CPU is
-# counted as free (a laptop). Override per run with `--set cost.prices.<device>=<usd>`.
+# The built-in $ per device-hour. GPU prices follow nanochat's figure of ~$24/h for an 8×H100 node; CPU is
+# counted as free (a laptop). A price file or `--set cost.prices.<device>=<usd>` overrides them (prices.py).
 DEFAULT_PRICES = {"H100": 3.0, "H200": 3.5, "A100": 1.8, "cpu": 0.0}
 
 
@@ -28,6 +28,7 @@ class LedgerRow:
     devices: int
     nodes: int
     price_per_device_hour: float
+    price_source: str = "built-in"  # where the price came from: 'built-in', 'file:<path>', '--set cost.prices.<type>'
     status: str = "completed"  # completed | failed
     preset: str = ""
     error: str = ""

@@ -313,11 +313,12 @@ class StageRun:
     parents: dict = field(default_factory=dict)
 
 
-def stage_runs(store: Store, run_id: str) -> list[StageRun]:
-    """The run's stages in the order they started, from the ledger (DuckDB `stage_runs`)."""
+def stage_runs(store: Store, run_id: str, con=None) -> list[StageRun]:
+    """The run's stages in the order they started, from the ledger (DuckDB `stage_runs`; `con`: a catalog
+    connection to reuse)."""
     from .catalog import connect
 
-    rows = connect(store).execute(
+    rows = (con or connect(store)).execute(
         """SELECT stage, key, cache_hit, status, wall_seconds, cost_usd, device_hours, device_type, devices, nodes, metrics
            FROM stage_runs WHERE run_id = ? ORDER BY "start", "end" """, [run_id]).fetchall()
     out: dict[str, StageRun] = {}
@@ -351,7 +352,13 @@ def run_summary(store: Store, run_id: str, *, hints: dict[str, str] | None = Non
 
     `store_arg`: the `--store` the user gave (repeated in the suggested commands); `until`/`not_run`: the
     `--until` stage and the stages it left out; `elapsed`: the run's end-to-end seconds, Prefect included."""
-    runs = stage_runs(store, run_id)
+    from .catalog import connect
+
+    con = connect(store)
+    runs = stage_runs(store, run_id, con)
+    # the totals are the run's triple as the catalog defines it (`runs`), the same figures the dashboard shows
+    triple = con.execute("SELECT stage_seconds, cost_usd, device_hours, saved_usd FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    stage_seconds, cost, device_hours, saved = triple or (0.0, 0.0, 0.0, 0.0)
     refs = store.refs()
     opt = f" --store {shlex.quote(store_arg)}" if store_arg else ""
 
@@ -367,8 +374,8 @@ def run_summary(store: Store, run_id: str, *, hints: dict[str, str] | None = Non
     for s in runs:
         tries = f"  ({s.attempts} tries; time and $ of all)" if s.attempts > 1 else ""
         out.append(f"  {s.stage:<{w}}  {s.result:<9} {seconds(s.wall_seconds):>9} {dollars(s.cost_usd):>9}  {s.device:<8} {s.key[:12]}{tries}")
-    out.append(f"  {'total':<{w}}  {'':<9} {seconds(sum(s.wall_seconds for s in runs)):>9} "
-               f"{dollars(sum(s.cost_usd for s in runs)):>9}  {sum(s.device_hours for s in runs):.3g} device-hours")
+    out.append(f"  {'total':<{w}}  {'':<9} {seconds(stage_seconds or 0.0):>9} {dollars(cost):>9}  "
+               f"{device_hours or 0.0:.3g} device-hours" + (f" · cache hits saved {dollars(saved)}" if saved else ""))
 
     scored = [s for s in runs if s.result != "failed" and headline(s.metrics)]
     if scored:
@@ -395,11 +402,13 @@ def run_summary(store: Store, run_id: str, *, hints: dict[str, str] | None = Non
     for s in done:
         if s.kind == "eval":
             nxt.append((f"chatforge artifacts show {name(s)}{opt}", f"{s.stage}: scores per task, samples"))
-    report = next((s for s in reversed(done) if s.kind == "report"), None)
+    # a report artifact other than this run's card (which `chatforge report` prints, with this run's ledger)
+    report = next((s for s in reversed(done) if s.kind == "report" and s.metrics.get("run_id") != run_id), None)
     if report:
         nxt.append((f"chatforge artifacts show {name(report)} --report{opt}", f"the {report.stage} report"))
     if not nxt and done:
         nxt.append((f"chatforge artifacts show {name(done[-1])}{opt}", f"what {done[-1].stage} made"))
+    nxt.append((f"chatforge report {run_id}{opt}", "this run's report card (markdown; `> report.md` keeps it)"))
     nxt.append((f"chatforge artifacts query \"select stage, cache_hit, wall_seconds, cost_usd from stage_runs where run_id = '{run_id}'\"{opt}",
                 "this run's ledger"))
     out.append("next")

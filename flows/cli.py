@@ -28,6 +28,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help=STORE_HELP)
 
 
+def _prices_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prices", metavar="FILE", default=None,
+                   help="price file: TOML with a [prices] table of $ per device-hour, e.g. H100 = 2.49 (default: "
+                   "$CHATFORGE_HOME/prices.toml when it exists); over the built-in prices, under --set cost.prices.X")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="chatforge",
@@ -41,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
                 "(cached or computed, wall time, $), the scores, totals, the store and the commands to run next")
     run = sub.add_parser("run", help=run_help, description=run_help[0].upper() + run_help[1:] + ".")
     _config_args(run)
+    _prices_arg(run)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs only what it needs; `--dry-run` lists the stages)")
     run.add_argument("--force", metavar="STAGE", action="append", default=[], help="recompute this stage even if cached (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached, run nothing")
@@ -48,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage, its inputs resolved from the store (e.g. to rerun a failed stage)")
     stage.add_argument("name", help="stage name (see `chatforge run --dry-run`)")
     _config_args(stage)
+    _prices_arg(stage)
     stage.add_argument("--run", dest="run_id", help="reuse the config of this earlier run (its id from the ledger / Prefect)")
     stage.add_argument("--force", action="store_true", help="recompute even if cached")
 
@@ -65,10 +73,20 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible /v1/chat/completions and a web chat page"))
 
+    from dashboards import cli as dashboard
+
+    dashboard.add_arguments(sub.add_parser("dashboard", help=dashboard.HELP, description=dashboard.HELP[0].upper() + dashboard.HELP[1:] + "."))
+
     srv = sub.add_parser("server", help="start a local Prefect server (UI) and serve the pipeline and single-stage deployments")
     _config_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=4200, help="Prefect server port (default: 4200)")
+
+    rep_help = ("print a run's report card as markdown (nanochat's: environment, a section per stage with time, $, cache "
+                "hit and key metrics, metrics by model, totals), from the ledger: also for a run that stopped early")
+    rep = sub.add_parser("report", help=rep_help, description=rep_help[0].upper() + rep_help[1:] + ". `chatforge report > report.md` keeps it.")
+    rep.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (default: the newest run in the store)")
+    rep.add_argument("--store", default=None, help=STORE_HELP)
 
     arts = sub.add_parser("artifacts", help="inspect and maintain the artifact store")
     asub = arts.add_subparsers(dest="acmd", required=True)
@@ -92,15 +110,22 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("ref", help="ref or key to push")
     push.add_argument("target", help="hf://org/repo[@revision]")
     push.add_argument("--private", action="store_true", help="create the repo private")
-    q = asub.add_parser("query", parents=[store_opt], help="run SQL on the DuckDB catalog (tables: artifacts, stage_runs, runs)")
+    q = asub.add_parser("query", parents=[store_opt], help="run SQL on the DuckDB catalog (tables: runs, stage_runs, "
+                        "artifacts, run_info, evals, skipped)")
     q.add_argument("sql")
+
+    cat = sub.add_parser("catalog", help="the DuckDB catalog of the store (runs, stage_runs, artifacts, run_info, evals, skipped)")
+    csub = cat.add_subparsers(dest="ccmd", required=True)
+    exp = csub.add_parser("export", parents=[store_opt], help="write every catalog table into a DuckDB file for other tools")
+    exp.add_argument("file", help="the DuckDB file to write (replaced if it exists)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "server": cmd_server, "chat": cmd_chat, "serve": cmd_serve}[args.cmd](args)
+        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "catalog": cmd_catalog, "server": cmd_server, "chat": cmd_chat, "serve": cmd_serve, "dashboard": cmd_dashboard,
+                "report": cmd_report}[args.cmd](args)
     except KeyboardInterrupt:
         print("chatforge: interrupted", file=sys.stderr)
         return 130
@@ -132,7 +157,10 @@ def _is_user_error(e: Exception) -> bool:
     from flows.overrides import ConfigError
     from model.errors import InputError
 
-    return isinstance(e, (StoreError, ConfigError, InputError, KeyError)) and "\n" not in str(e)
+    from artifacts.catalog import CatalogError
+    from artifacts.prices import PriceFileError
+
+    return isinstance(e, (StoreError, ConfigError, InputError, KeyError, CatalogError, PriceFileError)) and "\n" not in str(e)
 
 
 def _prefect_api() -> None:
@@ -156,6 +184,15 @@ def _config(args):
     return build_config(args.preset, args.sets)
 
 
+def _with_prices(cfg, path: str | None):
+    """The run's config with the user's price file in it (read now: a bad file fails before anything runs)."""
+    from artifacts.prices import user_file
+
+    price_file, file_prices = user_file(path)
+    cost = cfg.cost.model_copy(update={"price_file": price_file, "file_prices": file_prices})
+    return cfg.model_copy(update={"cost": cost})
+
+
 def _check_stage(name: str) -> None:
     from tasks.registry import get
 
@@ -165,7 +202,7 @@ def _check_stage(name: str) -> None:
 def cmd_run(args) -> int:
     from artifacts.store import Store
 
-    cfg = _config(args)
+    cfg = _with_prices(_config(args), args.prices)
     for name in ([args.until] if args.until else []) + args.force:
         _check_stage(name)
     store = Store(args.store)
@@ -237,8 +274,16 @@ def cmd_stage(args) -> int:
             cfg = PipelineConfig.model_validate(ledger.read_run(store, args.run_id)["config"])
         except FileNotFoundError:
             raise KeyError(f"no run {args.run_id!r} in {store.url}: see `chatforge artifacts query 'select * from runs'`") from None
+        if not cfg.report.run_id:  # a run recorded before its config named its card: the card is of that run
+            cfg.report.run_id = args.run_id
     else:
         cfg = _config(args)
+    cfg = _with_prices(cfg, args.prices)  # today's prices charge today's compute, also for an earlier run's config
+    if args.name == "report" and not cfg.report.run_id:  # before any Prefect server starts
+        from model.errors import InputError
+        from tasks.report import MISSING_RUN
+
+        raise InputError(MISSING_RUN)
     store.ensure_writable()
     _prefect_api()
     from flows.pipeline import stage_flow
@@ -246,6 +291,43 @@ def cmd_stage(args) -> int:
     key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)
     print(f"{args.name:<10} {key}")
     return 0
+
+
+def cmd_report(args) -> int:
+    import shlex
+
+    from artifacts import report
+    from artifacts.catalog import open_catalog
+    from artifacts.store import Store
+    from tasks.registry import STAGES
+
+    store = Store(args.store)
+    catalog = open_catalog(store)  # cached and refreshed: a store of many runs is not re-read whole
+    try:
+        run_id = args.run_id or _newest_run(catalog.con, store, args.store)
+        card = report.card(catalog.con, run_id, dag=[s.name for s in STAGES])
+    except report.UnknownRun:
+        opt = f" --store {shlex.quote(args.store)}" if args.store else ""
+        raise KeyError(f"no run {run_id!r} in {store.url}: list the runs with `{report.QUERY_RUNS}{opt}`") from None
+    finally:
+        catalog.close()
+    print(report.markdown(card), end="")
+    return 0
+
+
+def _newest_run(con, store, store_arg: str | None) -> str:
+    """The run recorded last (its start record, else its first ledger row)."""
+    row = con.execute("""SELECT run_id FROM (SELECT run_id, started FROM run_info UNION ALL SELECT run_id, started FROM runs)
+                         ORDER BY started DESC NULLS LAST LIMIT 1""").fetchone()
+    if row is None:
+        raise KeyError(f"no run in {store.url} yet: `chatforge run{' --store ' + store_arg if store_arg else ''}` makes one")
+    return row[0]
+
+
+def cmd_dashboard(args) -> int:
+    from dashboards.cli import cmd_dashboard as run
+
+    return run(args)
 
 
 def cmd_serve(args) -> int:
@@ -338,11 +420,36 @@ def cmd_artifacts(args) -> int:
         print(push(args.ref, args.target, store, private=args.private))
         return 0
     if args.acmd == "query":
-        from artifacts.catalog import connect
+        from artifacts.catalog import Catalog, query
 
-        print(connect(store).sql(args.sql))
+        cat = Catalog(store).refresh()
+        _warn_skipped(cat.skipped)
+        print(query(cat.con, args.sql))
         return 0
     raise AssertionError(args.acmd)
+
+
+def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        path, reason = skipped[0]
+        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        print(f"chatforge: warning: skipped {len(skipped)} unreadable store file(s): {path}: {reason}{more} "
+              "(`select * from skipped` lists them)", file=sys.stderr)
+
+
+def cmd_catalog(args) -> int:
+    from artifacts.catalog import export
+    from artifacts.store import Store
+
+    store = Store(args.store)
+    if args.ccmd == "export":
+        counts = export(store, args.file)
+        if counts.get("skipped"):
+            print(f"chatforge: warning: {counts['skipped']} unreadable store file(s) skipped; the file's `skipped` table "
+                  "lists them and why", file=sys.stderr)
+        print(f"wrote {os.path.abspath(args.file)}: " + ", ".join(f"{name} ({n:,} rows)" for name, n in counts.items()))
+        return 0
+    raise AssertionError(args.ccmd)
 
 
 if __name__ == "__main__":

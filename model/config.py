@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 
 
 def NotInKey(default, description: str):
@@ -392,15 +392,41 @@ class ChatEvalConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
 
 
+class ReportConfig(Section):
+    """`report` stage: the run's report card (nanochat's report.md for one chatforge run), from the ledger and the
+    eval artifacts through the DuckDB catalog (artifacts/report.py): report.md and report.json."""
+
+    run_id: str = Field(
+        "",
+        description="The flow run the card describes; in the key, so every run writes its own card. `chatforge run` sets it "
+        "to its own run before planning keys; `chatforge stage report --run ID` to ID. Empty: refused (a card of no run).",
+    )
+    max_stage_metrics: int = Field(
+        20, ge=0,
+        description="At most this many metrics listed in each stage's section, top-level ones first; the rest are counted "
+        "and `chatforge artifacts show` lists them all.",
+    )
+
+
 # ---------------------------------------------------------------- the whole tree
 
 class CostConfig(Section):
-    """How device time turns into dollars in the ledger."""
+    """How device time turns into dollars in the ledger: per device type, the built-in table
+    (artifacts/ledger.py DEFAULT_PRICES), then the user's price file (file_prices), then `prices`; each ledger
+    row records the price it used and which of the three it came from. Not part of any stage's key: a price
+    change recomputes nothing."""
 
-    prices: dict[str, float] = Field(
-        default_factory=lambda: {"H100": 3.0, "H200": 3.5, "A100": 1.8, "cpu": 0.0},
-        description="$ per device-hour by the ledger's device type (H100, H200, A100, lowercase cpu; GPU prices: nanochat's "
-        "~$24/h per 8×H100 node; CPU counted free unless cost.prices.cpu is set; a type not listed costs $0).",
+    prices: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="Explicit $ per device-hour by the ledger's device type (H100, H200, A100, lowercase cpu), e.g. "
+        "--set cost.prices.H100=2.49; wins over the price file and the built-in table. A type no layer lists costs $0.",
+    )
+    price_file: str = Field(
+        "", description="The price file file_prices was read from (set by the CLI from --prices FILE or "
+        "$CHATFORGE_HOME/prices.toml; recorded as the ledger's price source).",
+    )
+    file_prices: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict, description="$ per device-hour from price_file (its [prices] table); wins over the built-in table.",
     )
 
 
@@ -422,4 +448,5 @@ class PipelineConfig(Section):
     mid: MidConfig = Field(default_factory=MidConfig, description="`mid` stage: mid-training on conversations.")
     sft: SftConfig = Field(default_factory=SftConfig, description="`sft` stage: supervised fine-tuning.")
     rl: RlConfig = Field(default_factory=RlConfig, description="`rl` stage: reinforcement learning on problems.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="`report` stage: the run's report card.")
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the ledger.")

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
-from artifacts import ledger
+from artifacts import ledger, prices
 from artifacts.errors import ArtifactCorrupt
 from artifacts.keys import code_fingerprint
 from artifacts.manifest import Manifest
@@ -79,11 +79,12 @@ def execute(
     device = {"type": "cpu", "count": 1, "nodes": 1}
 
     def row(cache_hit: bool, metrics: dict, status: str = "completed", error: str = "") -> None:
+        # built-in < price file < --set cost.prices.X; the row keeps the price it used and where it came from
+        price, source = prices.resolve(device["type"], cfg.cost.prices, cfg.cost.file_prices, cfg.cost.price_file)
         ledger.append(store, ledger.LedgerRow(
             run_id=run_id, stage=st.name, key=key, cache_hit=cache_hit, start=start, end=_now(),
             wall_seconds=round(time.perf_counter() - t0, 3), device_type=device["type"],
-            devices=device["count"], nodes=device["nodes"],
-            price_per_device_hour=cfg.cost.prices.get(device["type"], 0.0),
+            devices=device["count"], nodes=device["nodes"], price_per_device_hour=price, price_source=source,
             status=status, preset=cfg.preset, error=error, metrics=metrics,
         ))
 
@@ -105,13 +106,14 @@ def execute(
         with store.staging(key) as tmp:
             ctx = StageContext(
                 inputs=inputs, out_dir=tmp, download_dir=store.local_root / "downloads",
-                wip_dir=store.wip_dir(key), log=log, device=device,
+                wip_dir=store.wip_dir(key), log=log, device=device, store_url=store.url,
             )
             log(f"{st.name}: computing {key[:12]}")
             try:
                 metrics = st.compute(st.config(cfg), ctx)
                 json.dumps(metrics)  # metrics must be plain JSON before anything is committed
             except BaseException as e:
+                device.update(ctx.device)  # a failed stage is charged for the devices it reported before failing
                 row(False, {}, status="failed", error=f"{type(e).__name__}: {e}"[:500])
                 raise
             device.update(ctx.device)

@@ -19,6 +19,7 @@ class StageContext:
     wip_dir: Path  # resumable work in progress for this key
     log: Callable[[str], None] = print
     device: dict = field(default_factory=lambda: {"type": "cpu", "count": 1, "nodes": 1})
+    store_url: str = ""  # the store the run writes to: for a stage that reads the ledger (report), not for artifacts
 
 
 @dataclass(frozen=True)

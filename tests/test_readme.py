@@ -443,9 +443,9 @@ def check_d20_until(r: Readme, command: str, monkeypatch) -> None:
 
 
 def check_dry_run(r: Readme, command: str, monkeypatch) -> None:
-    """Every stage's key, all cached."""
+    """Every stage's key, all cached but the report card: a new run writes its own (the run id is in its key)."""
     out = r.sh(command).stdout
-    assert plan(out) == {s: "cached" for s in stages()}
+    assert plan(out) == {s: "to compute" if s == "report" else "cached" for s in stages()}
     keys = r.keys()
     assert all(keys[line.split()[0]] == line.split()[1] for line in out.splitlines() if line.split()[:1] and line.split()[0] in keys)
 
@@ -511,15 +511,35 @@ def check_stage_rerun(r: Readme, command: str, monkeypatch) -> None:
 
 
 def check_force(r: Readme, command: str, monkeypatch) -> None:
-    """On a copy: the tokenizer is recomputed (same key, same bytes), everything else comes from the cache."""
+    """On a copy: the tokenizer is recomputed (same key, same bytes), everything else comes from the cache but
+    the new run's own report card."""
     store, env = r.copy("force")
     before = {row[0] for row in ledger(store)}
     r.sh(command, env=env)
     rows = [row for row in ledger(store) if row[0] not in before]
-    assert sorted((stage, hit) for _, stage, hit in rows) == sorted((s, s != "tokenizer") for s in stages())
+    assert sorted((stage, hit) for _, stage, hit in rows) == sorted((s, s not in ("tokenizer", "report")) for s in stages())
     assert r.keys(store) == r.keys()
     key = r.key("tokenizer")
     assert (store / "artifacts" / key / "tokenizer.json").read_bytes() == (r.store / "artifacts" / key / "tokenizer.json").read_bytes()
+
+
+def check_report(r: Readme, command: str, monkeypatch) -> None:
+    """The newest run's card, from the ledger, store untouched: a section per stage (the report stage's own too:
+    its row follows the card it stored), the BASE / MID / SFT / RL table, the totals. The card the run stored
+    (report/latest) is of the same run."""
+    def files() -> list[str]:  # the catalog's cache file lives under $CHATFORGE_HOME/catalog: not store data
+        return [f for f in _files(r.store) if not f.startswith("catalog")]
+
+    before = files()
+    out = r.sh(command).stdout
+    run = r.run_id()
+    assert out.startswith(f"# chatforge report card: run {run}\n"), out[:500]
+    for stage in stages():
+        assert re.search(rf"^### {stage} · (computed|cached)", out, re.M), stage
+    assert "| metric | BASE | MID | SFT | RL |" in out and "- Total wall clock time: " in out and "- Packages: torch " in out
+    assert files() == before
+    stored = (r.store / "artifacts" / r.key("report") / "report.md").read_text()
+    assert stored.startswith(f"# chatforge report card: run {run}\n") and "### chat_eval_rl · " in stored
 
 
 # README command (exactly as README.md writes it, comments stripped) -> its check (the docstring says how).
@@ -547,6 +567,7 @@ COMMANDS: dict[str, Callable] = {
     'chatforge artifacts query "select stage, cache_hit, wall_seconds, cost_usd from stage_runs"': check_query,
     "chatforge stage tokenizer --run RUN_ID": check_stage_rerun,
     "chatforge run --force tokenizer": check_force,
+    "chatforge report": check_report,
     "chatforge server": check_server,
 }
 NEEDS_NO_STORE = {check_tests}

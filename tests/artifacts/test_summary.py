@@ -131,7 +131,8 @@ def test_run_summary_lists_stages_from_the_ledger_with_scores_and_next_commands(
     assert nxt[2].startswith(f"  chatforge artifacts show base_eval/latest {opt}")
     assert nxt[3].startswith(f"  chatforge artifacts show chat_eval/latest {opt}")
     assert nxt[4].startswith(f"  chatforge artifacts show decontam/latest --report {opt}")
-    assert f"where run_id = '{RUN}'" in nxt[5] and len(nxt) == 6
+    assert nxt[5].startswith(f"  chatforge report {RUN} {opt}") and "report card" in nxt[5]
+    assert f"where run_id = '{RUN}'" in nxt[6] and len(nxt) == 7
 
 
 def test_run_summary_names_keys_when_a_ref_moved_on_and_tells_how_to_continue_an_until_run(store):

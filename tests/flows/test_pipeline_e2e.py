@@ -98,10 +98,11 @@ def test_run_lists_then_is_all_cached_and_vocab_change_recomputes_only_tokenizer
     assert re.fullmatch(r"  total\s+\d+\.\d s\s+\$0\.00  0 device-hours", lines[4]), lines[4]
     assert "scores" not in lines and f"artifacts  {store}" in lines
     nxt = lines[lines.index("next") + 1:]
-    assert nxt[0].startswith(f"  chatforge artifacts show tokenizer/latest --store {store}  # ")
-    assert nxt[1].startswith(f"  chatforge artifacts query \"select stage, cache_hit, wall_seconds, cost_usd from stage_runs where run_id = '{head[1]}'\"")
-    assert nxt[2].startswith("  (the same command without --until tokenizer goes on to ") and "base_eval" in nxt[2]
-    assert len(nxt) == 3
+    assert re.match(rf"  chatforge artifacts show tokenizer/latest --store {re.escape(str(store))}\s+# ", nxt[0]), nxt[0]
+    assert re.match(rf"  chatforge report {head[1]} --store {re.escape(str(store))}\s+# .*report card", nxt[1]), nxt[1]
+    assert nxt[2].startswith(f"  chatforge artifacts query \"select stage, cache_hit, wall_seconds, cost_usd from stage_runs where run_id = '{head[1]}'\"")
+    assert nxt[3].startswith("  (the same command without --until tokenizer goes on to ") and "base_eval" in nxt[3]
+    assert len(nxt) == 4
     show = cli(nxt[0].split("#")[0].split()[1:], env)  # the suggested command works
     assert show.returncode == 0 and show.stdout.startswith(f"tokenizer · tokenizer · {keys['tokenizer']}"), show.stderr
 
@@ -325,11 +326,16 @@ def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env
     dec = st.get(st.resolve("decontam/latest"))
     assert dec.metrics["sets"] == n_core + 2 and "decontam.md" in dec.files
     con = catalog.connect(st)
-    # the run's final score is the headline of the last stage to finish that reports one: a chat eval
-    scores = con.execute("select final_score from runs where final_score is not null").fetchall()
-    last = con.execute("select stage from stage_runs where metrics->>'score' is not null order by \"end\" desc limit 1").fetchone()[0]
-    assert last.startswith("chat_eval_")
-    assert scores and scores[-1][0] == pytest.approx(st.get(st.resolve(f"{last}/latest")).metrics["score"])
+    # the run's triple: CORE of the base model, ChatCORE of the final chat model (rl here, never chat_eval_base),
+    # the chat score as the headline when there is one
+    core_name, core, chat_stage, chat_name, chat_score, score_name, score = con.execute(
+        "select core_name, core, chat_stage, chat_name, chat_score, score_name, score from runs "
+        "where chat_stage is not null order by finished desc").fetchone()
+    rl_ev = st.get(st.resolve("chat_eval_rl/latest"))
+    assert (core_name, chat_stage, chat_name) == (ev.metrics["score_name"], "chat_eval_rl", rl_ev.metrics["score_name"])
+    assert core == pytest.approx(ev.metrics["score"])
+    assert chat_score == (None if rl_ev.metrics["score"] is None else pytest.approx(rl_ev.metrics["score"]))
+    assert (score_name, score) == ((chat_name, chat_score) if chat_score is not None else (core_name, core))
     per_task = con.execute("select task, value from evals where stage = 'base_eval' and metric = 'centered' and status = 'ok'").fetchall()
     assert len(per_task) == n_core
     missing = con.execute("select count(*) from evals where stage = 'base_eval' and status = 'not run: data unavailable'").fetchone()[0]
