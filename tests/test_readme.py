@@ -446,7 +446,7 @@ def check_dry_run(r: Readme, command: str, monkeypatch) -> None:
     """Every stage's key, all cached but the report card: a new run writes its own (the run id is in its key)."""
     out = r.sh(command).stdout
     assert plan(out) == {s: "to compute" if s == "report" else "cached" for s in stages()}
-    keys = r.keys()
+    keys = {stage: key for stage, key in r.keys().items() if stage != "report"}  # a new run id, a new card key
     assert all(keys[line.split()[0]] == line.split()[1] for line in out.splitlines() if line.split()[:1] and line.split()[0] in keys)
 
 
@@ -518,7 +518,8 @@ def check_force(r: Readme, command: str, monkeypatch) -> None:
     r.sh(command, env=env)
     rows = [row for row in ledger(store) if row[0] not in before]
     assert sorted((stage, hit) for _, stage, hit in rows) == sorted((s, s not in ("tokenizer", "report")) for s in stages())
-    assert r.keys(store) == r.keys()
+    keys, before_keys = r.keys(store), r.keys()
+    assert keys.pop("report") != before_keys.pop("report") and keys == before_keys  # the new run's card has its own key
     key = r.key("tokenizer")
     assert (store / "artifacts" / key / "tokenizer.json").read_bytes() == (r.store / "artifacts" / key / "tokenizer.json").read_bytes()
 
@@ -536,10 +537,53 @@ def check_report(r: Readme, command: str, monkeypatch) -> None:
     assert out.startswith(f"# chatforge report card: run {run}\n"), out[:500]
     for stage in stages():
         assert re.search(rf"^### {stage} · (computed|cached)", out, re.M), stage
-    assert "| metric | BASE | MID | SFT | RL |" in out and "- Total wall clock time: " in out and "- Packages: torch " in out
+    assert "| metric | BASE | MID | SFT | RL |" in out and "- Total wall clock time: " in out
+    assert re.search(r"^- Packages: .*\btorch \d", out, re.M)
     assert files() == before
     stored = (r.store / "artifacts" / r.key("report") / "report.md").read_text()
     assert stored.startswith(f"# chatforge report card: run {run}\n") and "### chat_eval_rl · " in stored
+
+
+def check_dashboard(r: Readme, command: str, monkeypatch) -> None:
+    """Started as written (on a free port when 8501 is taken here) over the tiny store; the Runs page, loaded in
+    headless Chromium (skipped where Debian's chromium is absent), lists the tiny run with its ChatCORE; Ctrl-C."""
+    import httpx
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} is missing (apt-get install chromium): the dashboard check needs a real browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    command, port = with_port(command, 8501)
+    log = r.tmp / "dashboard.log"
+    proc = background(command, r.env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: f"chatforge dashboard: {url}" in log.read_text(), 60, "the dashboard's address", proc, log)
+
+        def healthy():
+            try:
+                return httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok"
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 60, "the dashboard's health check", proc, log)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 2000})
+            page.goto(url)
+            sync_api.expect(page.locator("h1").first).to_have_text("Runs", timeout=90_000)
+            page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=90_000)
+            sync_api.expect(page.get_by_text(re.compile("ChatCORE")).first).to_be_visible(timeout=30_000)
+            grid = page.locator('[data-testid="stDataFrame"] [role="gridcell"]')
+            sync_api.expect(grid.first).to_be_attached(timeout=30_000)
+            deadline = time.time() + 30  # the grid fills its cells in after it is attached
+            while r.run_id() not in (text := " ".join(grid.all_text_contents())) and time.time() < deadline:
+                page.wait_for_timeout(500)
+            browser.close()
+        assert r.run_id() in text and "tiny" in text, text[:2000]
+    finally:
+        rc = stop(proc)
+    assert rc in (0, 130), log.read_text()[-2000:]
 
 
 # README command (exactly as README.md writes it, comments stripped) -> its check (the docstring says how).
@@ -552,6 +596,7 @@ COMMANDS: dict[str, Callable] = {
     PUSH: check_push,
     "chatforge chat --model hf://me/my-model": check_chat_hub,
     "chatforge serve": check_serve,
+    "chatforge dashboard": check_dashboard,
     "CHATFORGE_EVAL_DIR=../shared/data/eval chatforge run --preset tiny": check_core_run,
     "chatforge artifacts show base_eval/latest": check_show_base_eval,
     "python bench/eval_speed.py": check_eval_speed,
