@@ -15,6 +15,8 @@ file) or unwritable falls back to an in-memory catalog; threads of one process s
 """
 from __future__ import annotations
 
+import json
+
 import hashlib
 import os
 import threading
@@ -306,3 +308,13 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> str:
         head = " ".join(ln for ln in lines if not ln.startswith("LINE ") and set(ln) != {"^"})
         raise CatalogError(f"query failed: {head}; the tables are {', '.join(sorted(EXPORTED))} "
                            "(`describe runs` lists a table's columns)") from None
+
+
+def json_value(v):
+    """A JSON column's value: DuckDB hands JSON over as text; text that is not JSON is returned as it is."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v

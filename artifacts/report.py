@@ -16,10 +16,10 @@ is known by name: a model column is the checkpoint stage an eval artifact scored
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from .catalog import json_value
 from .errors import StoreError
 from .summary import NOT_RUN, dollars, flatten, seconds, suite_name, value
 
@@ -45,14 +45,7 @@ def _rows(con, sql: str, params: Sequence = ()) -> list[dict]:
     return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
-def _loads(v: Any) -> Any:
-    """A JSON column's value (DuckDB hands JSON over as text)."""
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
+_loads = json_value
 
 
 def _plain(v: Any) -> Any:

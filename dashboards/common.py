@@ -18,6 +18,7 @@ import streamlit as st
 
 from artifacts.catalog import Catalog, default_cache_path, open_catalog
 from artifacts.store import Store, default_url
+from artifacts.summary import seconds
 from dashboards import STORE_ENV  # set by `chatforge dashboard --store`; else the default store
 
 START_A_RUN = "chatforge run --preset tiny"
@@ -134,13 +135,7 @@ def usd(x) -> str:
 
 
 def duration(s) -> str:
-    if s is None or (isinstance(s, float) and math.isnan(s)):
-        return "—"
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} m {int(s % 60):02d} s"
-    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} m"
+    return seconds(None if isinstance(s, float) and math.isnan(s) else s)
 
 
 def score(name, v) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from artifacts.catalog import json_value
 from artifacts.store import Store
 
 # A stage's result as the pages name it (and color it): a cache hit cost nothing and saved what computing cost.
@@ -22,13 +23,7 @@ def _df(con, sql: str, params: list | None = None) -> pd.DataFrame:
     return con.execute(sql, params or []).df()
 
 
-def _json(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
+_json = json_value
 
 
 # ---------------------------------------------------------------- runs

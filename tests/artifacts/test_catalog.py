@@ -76,7 +76,7 @@ def test_empty_store_has_empty_tables(tmp_path):
 def test_stage_runs_keep_ledger_columns_price_source_and_saved_dollars(runs_store):
     con = catalog.connect(runs_store)
     rows = con.execute("select stage, status, cache_hit, round(cost_usd, 2), round(saved_usd, 2), price_source "
-                       "from stage_runs where run_id in ('r1', 'r2') and stage in ('base', 'base_eval') order by start").fetchall()
+                       "from stage_runs where run_id in ('r1', 'r2') and stage in ('base', 'base_eval') order by start, stage").fetchall()
     assert rows == [("base", "failed", False, 12.0, 0.0, "built-in"), ("base", "completed", False, 72.0, 0.0, "file:/p.toml"),
                     ("base_eval", "completed", False, 2.4, 0.0, "built-in"),
                     # a hit saved what computing its key cost: the completed row, not the failed try
