@@ -162,7 +162,7 @@ def test_compare_page(browser, dashboard, fixture_store):
 
 def test_chat_page(browser, dashboard, fixture_store):
     page, problems = load(browser, dashboard, "chat")
-    expect(page.get_by_text(re.compile(r"^base checkpoint · 2 layers · context 64 tokens"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^base checkpoint · 2 layers · context 64 tokens"))).to_be_visible(timeout=60_000)
     # record the reply's length at every change of the page: a streamed reply is seen growing, not only whole
     page.evaluate("""() => {
         window.replyLengths = [];
