@@ -343,13 +343,17 @@ def check_serve(r: Readme, command: str, monkeypatch) -> None:
 
 
 def check_server(r: Readme, command: str, monkeypatch) -> None:
-    """Started with its own Prefect home (on a free port when 4200 is taken here) until both deployments are
-    served, then Ctrl-C."""
+    """Started with its own Prefect home and chatforge home (its database goes there, not into the README's
+    store; on a free port when 4200 is taken here) until both deployments of deploy/prefect.yaml exist and a
+    worker per pool is online, then Ctrl-C: it exits and no process it started is left."""
     import httpx
+
+    from flows.worker import descendants
 
     command, port = with_port(command, 4200)
     env = {k: v for k, v in r.env.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(r.tmp / "server-prefect-home")
+    env["CHATFORGE_HOME"] = str(r.tmp / "server-home")
     log = r.tmp / "server.log"
     proc = background(command, env, log)
     api = f"http://127.0.0.1:{port}/api"
@@ -357,16 +361,28 @@ def check_server(r: Readme, command: str, monkeypatch) -> None:
     def deployments():
         try:
             names = [httpx.get(f"{api}/deployments/name/{name}", timeout=5).status_code for name in
-                     ("chatforge/pipeline", "chatforge-stage/stage")]
+                     ("chatforge/chatforge-pipeline", "chatforge-stage/chatforge-stage")]
         except httpx.HTTPError:
             return False
         return names == [200, 200]
 
+    children: list[int] = []
     try:
-        wait_for(deployments, 300, "the two served deployments", proc, log)
+        wait_for(deployments, 300, "the two deployments", proc, log)
+        wait_for(lambda: "chatforge server: ready in" in log.read_text(), 120, "a worker per pool", proc, log)
+        children = descendants(proc.pid)
+        assert f"Prefect UI at http://127.0.0.1:{port}" in log.read_text()
     finally:
         rc = stop(proc)
     assert rc in (0, 130), log.read_text()[-2000:]
+
+    def running(pid: int) -> bool:  # an exited child not yet reaped (a zombie) is gone too
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert len(children) >= 5 and not [p for p in children if running(p)], log.read_text()[-2000:]
 
 
 def check_core_run(r: Readme, command: str, monkeypatch) -> None:
@@ -542,6 +558,46 @@ def check_report(r: Readme, command: str, monkeypatch) -> None:
     assert stored.startswith(f"# chatforge report card: run {run}\n") and "### chat_eval_rl · " in stored
 
 
+def check_dashboard(r: Readme, command: str, monkeypatch) -> None:
+    """Started as written (on a free port when 8501 is taken here) over the tiny store; the Runs page, loaded in
+    headless Chromium (skipped where Debian's chromium is absent), lists the tiny run with its ChatCORE; Ctrl-C."""
+    import httpx
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} is missing (apt-get install chromium): the dashboard check needs a real browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    command, port = with_port(command, 8501)
+    log = r.tmp / "dashboard.log"
+    proc = background(command, r.env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: f"chatforge dashboard: {url}" in log.read_text(), 60, "the dashboard's address", proc, log)
+
+        def healthy():
+            try:
+                return httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok"
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 60, "the dashboard's health check", proc, log)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 2000})
+            page.goto(url)
+            sync_api.expect(page.locator("h1").first).to_have_text("Runs", timeout=90_000)
+            page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=90_000)
+            sync_api.expect(page.get_by_text(re.compile("ChatCORE")).first).to_be_visible(timeout=30_000)
+            grid = page.locator('[data-testid="stDataFrame"] [role="gridcell"]')
+            sync_api.expect(grid.first).to_be_attached(timeout=30_000)
+            text = " ".join(grid.all_text_contents())
+            browser.close()
+        assert r.run_id() in text and "tiny" in text, text[:2000]
+    finally:
+        rc = stop(proc)
+    assert rc in (0, 130), log.read_text()[-2000:]
+
+
 # README command (exactly as README.md writes it, comments stripped) -> its check (the docstring says how).
 COMMANDS: dict[str, Callable] = {
     SETUP: check_setup,
@@ -552,6 +608,7 @@ COMMANDS: dict[str, Callable] = {
     PUSH: check_push,
     "chatforge chat --model hf://me/my-model": check_chat_hub,
     "chatforge serve": check_serve,
+    "chatforge dashboard": check_dashboard,
     "CHATFORGE_EVAL_DIR=../shared/data/eval chatforge run --preset tiny": check_core_run,
     "chatforge artifacts show base_eval/latest": check_show_base_eval,
     "python bench/eval_speed.py": check_eval_speed,
