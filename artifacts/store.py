@@ -7,6 +7,7 @@ Layout under the root (a local directory or any fsspec URL):
     ledger/<run_id>/<row>.json     one row per stage execution (see ledger.py)
     runs/<run_id>.json             the config a run was started with
     wip/<key>/                     work in progress of long stages (resume)
+    leases/<key>.json              who computes a key now (remote stores: the lock across machines)
     tmp/<key>.<nonce>/             staging of a stage being computed (local stores)
     trash/                         replaced or corrupt artifacts, emptied by gc
 
@@ -266,23 +267,34 @@ class Store:
 
     # ------------------------------------------------------------------ locks
     @contextlib.contextmanager
-    def lock(self, key: str, on_wait=None) -> Iterator[None]:
-        """An exclusive lock per key. flock is released by the kernel if the holder dies (kill -9).
+    def lock(self, key: str, on_wait=None, lease_seconds: float | None = None, log=print) -> Iterator[None]:
+        """An exclusive lock per key, for every writer of this store.
 
-        Remote stores lock on this machine's disk: concurrent runs on one node compute once; across
-        nodes, give each stage to one node (the flow does) or accept a duplicated, identical compute.
+        On this machine: an flock, released by the kernel if the holder dies (kill -9). A local store's
+        locks live under its root, so a shared filesystem (NFS) carries them to other machines too. A
+        remote store (s3://, gs://, ...) is shared by machines with separate disks: there the key is also
+        leased in the store itself (artifacts/lease.py: an atomic create where the backend has one, as S3 does,
+        a heartbeat, and expiry `lease_seconds` after the holder stops renewing). `log` gets the lease's news (taken over, lost) from any thread.
         """
+        waiting = _Once(on_wait)
         path = self.local_root / "locks" / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if on_wait:
-                    on_wait()
+                waiting()
                 fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                yield
+                if self.local:
+                    yield
+                else:
+                    from .lease import LEASE_SECONDS, Lease
+
+                    lease = Lease(self.fs, self._p("leases", f"{key}.json"), ttl=lease_seconds or LEASE_SECONDS, log=log)
+                    with lease.held(on_wait=waiting):
+                        self.fs.invalidate_cache()  # what the previous holder committed must not hide behind a listing
+                        yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -388,6 +400,18 @@ class Store:
                 continue
             todo += list(m.parents.values())
         return seen
+
+
+class _Once:
+    """Call `fn` (if any) the first time only: a waiter is told once, whichever lock made it wait."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn:
+            fn()
 
 
 def _split_ref(ref: str) -> tuple[str, str]:

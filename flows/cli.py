@@ -77,10 +77,28 @@ def parser() -> argparse.ArgumentParser:
 
     dashboard.add_arguments(sub.add_parser("dashboard", help=dashboard.HELP, description=dashboard.HELP[0].upper() + dashboard.HELP[1:] + "."))
 
-    srv = sub.add_parser("server", help="start a local Prefect server (UI) and serve the pipeline and single-stage deployments")
+    srv_help = ("start a local Prefect server (UI), the chatforge-cpu and chatforge-gpu work pools, the deployments of "
+                "deploy/prefect.yaml (defaults: --preset/--set) and one worker per pool; Ctrl-C stops it all")
+    srv = sub.add_parser("server", help=srv_help, description=srv_help[0].upper() + srv_help[1:] + ".")
     _config_args(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only; "
+                     "0.0.0.0 lets workers on other machines connect)")
     srv.add_argument("--port", type=int, default=4200, help="Prefect server port (default: 4200)")
+    srv.add_argument("--crash-after", type=float, default=90, metavar="SECONDS",
+                     help="mark a flow run Crashed (so it can be retried) when its heartbeats, sent every 30 s, stop "
+                     "for this long: its worker or machine died (default: 90)")
+    srv.add_argument("--workers", default="chatforge-cpu,chatforge-gpu", metavar="POOLS",
+                     help="pools to start a local worker for, comma-separated, or none (default: both; "
+                     "--workers chatforge-cpu when GPU machines run the chatforge-gpu workers)")
+
+    wrk_help = ("start a Prefect worker for a chatforge work pool on this machine, pointed at the server in "
+                "PREFECT_API_URL (default http://127.0.0.1:4200/api) and a store this machine can write")
+    wrk = sub.add_parser("worker", help=wrk_help, description=wrk_help[0].upper() + wrk_help[1:] + ".")
+    wrk.add_argument("--pool", required=True, help="chatforge-gpu (training stages) or chatforge-cpu (everything else)")
+    wrk.add_argument("--store", default=None, help="artifact store for runs whose `store` field is empty: the one the "
+                     "other machines use (s3://..., a shared directory); default: $CHATFORGE_HOME or ~/.cache/chatforge")
+    wrk.add_argument("--name", default=None, help="worker name shown in the UI (default: POOL@HOST-PID)")
+    wrk.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once (default: no limit)")
 
     rep_help = ("print a run's report card as markdown (nanochat's: environment, a section per stage with time, $, cache "
                 "hit and key metrics, metrics by model, totals), from the ledger: also for a run that stopped early")
@@ -124,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "catalog": cmd_catalog, "server": cmd_server, "chat": cmd_chat, "serve": cmd_serve, "dashboard": cmd_dashboard,
+        return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "catalog": cmd_catalog, "server": cmd_server, "worker": cmd_worker, "chat": cmd_chat, "serve": cmd_serve, "dashboard": cmd_dashboard,
                 "report": cmd_report}[args.cmd](args)
     except KeyboardInterrupt:
         print("chatforge: interrupted", file=sys.stderr)
@@ -349,11 +367,16 @@ def cmd_chat(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from flows.overrides import build_config
     from flows.server import main as serve_main
 
-    build_config(args.preset, args.sets)  # a bad preset or --set fails here, before anything starts
-    return serve_main(args.host, args.port, args.preset, args.sets, args.store)
+    pools = [p.strip() for p in args.workers.split(",") if p.strip() and p.strip() != "none"]
+    return serve_main(args.host, args.port, args.preset, args.sets, args.store, crash_after=args.crash_after, local_pools=pools)
+
+
+def cmd_worker(args) -> int:
+    from flows.worker import main as worker_main
+
+    return worker_main(args.pool, args.store, name=args.name, limit=args.limit)
 
 
 def cmd_artifacts(args) -> int:

@@ -17,8 +17,25 @@ def NotInKey(default, description: str):
     return Field(default, description=description, json_schema_extra={"key": False})
 
 
+def TimeoutMinutes():
+    """A stage's wall-clock limit (tasks/launch.py): how long to wait, not what is made, so not in the key."""
+    return Field(None, gt=0, json_schema_extra={"key": False}, description=(
+        "Stop the stage after this many minutes: its processes get SIGTERM (a trainer checkpoints), then SIGKILL after "
+        "a grace period; the stage fails and a rerun resumes from the checkpoint. Empty: no limit."))
+
+
+def _form_schema(schema: dict, cls) -> None:
+    """Drop `"default": null` from optional fields (`X | None = None`). Prefect's run form picks a field's anyOf
+    branch from its value, else from this default: a null default opens the `None` branch, one "Property is type
+    None" caption per empty field. Without it the form shows the field's own type, empty, and leaves it out of the
+    run's parameters -- which is the default, None. (null stays valid: the anyOf still lists it.)"""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None and {"type": "null"} in prop.get("anyOf", []):
+            del prop["default"]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=_form_schema)
 
     def key_dict(self) -> dict:
         """The normalized config that enters the cache key: JSON-ready, NotInKey fields dropped."""
@@ -171,6 +188,7 @@ class BaseConfig(Section):
     # execution
     nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1). Results equal one process on the same global batch, up to float rounding.")
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "Where to train: auto = CUDA if available.")
+    timeout_minutes: float | None = TimeoutMinutes()
     compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
     loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.")
 
@@ -272,6 +290,7 @@ class MidConfig(FinetuneOptim):
     checkpoint_every: int = NotInKey(500, "Steps between resumable checkpoints (also written on SIGTERM).")
     nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+    timeout_minutes: float | None = TimeoutMinutes()
     compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
 
 
@@ -293,6 +312,7 @@ class SftConfig(FinetuneOptim):
     checkpoint_every: int = NotInKey(100, "Steps between resumable checkpoints (also written on SIGTERM).")
     nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+    timeout_minutes: float | None = TimeoutMinutes()
 
 
 class RlConfig(FinetuneOptim):
@@ -318,6 +338,7 @@ class RlConfig(FinetuneOptim):
     checkpoint_every: int = NotInKey(60, "Steps between resumable checkpoints (also written on SIGTERM).")
     nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+    timeout_minutes: float | None = TimeoutMinutes()
 
 
 # ---------------------------------------------------------------- evaluation sets and evaluations
@@ -378,6 +399,7 @@ class BaseEvalConfig(Section):
     sample_tokens: int = Field(64, ge=1, description="Tokens generated per fixed sample prompt.")
     nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks, results are identical.")
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+    timeout_minutes: float | None = TimeoutMinutes()
 
 
 class ChatEvalConfig(Section):
@@ -390,6 +412,7 @@ class ChatEvalConfig(Section):
     humaneval_memory_mb: int = Field(1024, ge=64, description="Address-space limit of each HumanEval program.")
     nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks.")
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
+    timeout_minutes: float | None = TimeoutMinutes()
 
 
 class ReportConfig(Section):
@@ -430,6 +453,48 @@ class CostConfig(Section):
     )
 
 
+class WorkPools(Section):
+    """The two Prefect work pools of a team setup (deploy/prefect.yaml creates both, type `process`)."""
+
+    cpu: str = Field("chatforge-cpu", min_length=1, description="Pool whose worker runs the pipeline flow and every "
+                     "stage that needs no GPU (data, tokenizer, eval sets, evals, report).")
+    gpu: str = Field("chatforge-gpu", min_length=1, description="Pool of the `chatforge-stage` deployment: its "
+                     "workers (GPU machines) run the stages that need a GPU.")
+
+
+class ExecutionConfig(Section):
+    """Where stages run (`execution`). Not part of any stage's key: where a stage ran never changes what it made.
+
+    Without pools every stage runs inside the pipeline's own process, as on a laptop. With pools, the pipeline
+    flow (deployment `chatforge-pipeline`, run by a worker of the CPU pool) runs the CPU stages itself and hands
+    each GPU stage to the `chatforge-stage` deployment, whose worker on the GPU pool runs it as a subflow; the
+    artifact store must then be one that every worker reaches (an object store or a shared filesystem)."""
+
+    pools: bool | WorkPools = Field(
+        False, description="false: everything in this process. true: pools `chatforge-cpu` and `chatforge-gpu`. "
+        "Or the two pool names, e.g. {\"cpu\": \"cheap\", \"gpu\": \"a100\"} (the deployments must use them).",
+    )
+    gpu_stages: list[str] | None = Field(
+        None, description="Stages sent to the GPU pool. None: decided from each stage's `device` setting: "
+        "`cuda` always, `auto` for the training stages (base, mid, sft, rl), `cpu` never; stages without a device "
+        "setting (data, tokenizer, eval sets, mixtures, decontam, report) never. [] keeps everything on the CPU pool.",
+    )
+    stage_deployment: str = Field(
+        "chatforge-stage/chatforge-stage", pattern=r"^[^/]+/[^/]+$",
+        description="The single-stage deployment (`flow/deployment`) a GPU stage is handed to; it must be on the GPU pool.",
+    )
+    lease_seconds: float = Field(
+        60.0, ge=1, description="Shared stores: a worker that dies while computing a key blocks it for at most this "
+        "long; the holder renews its lease every quarter of it. Prefect's concurrency-slot lease is at least 60 s.",
+    )
+
+    def pool_names(self) -> WorkPools | None:
+        """The pools in use, or None when stages run in-process."""
+        if self.pools is True:
+            return WorkPools()
+        return self.pools or None
+
+
 class PipelineConfig(Section):
     """Everything a run needs. Presets (`chatforge run --preset NAME`) fill it in; `--set a.b=v` adjusts it."""
 
@@ -450,3 +515,5 @@ class PipelineConfig(Section):
     rl: RlConfig = Field(default_factory=RlConfig, description="`rl` stage: reinforcement learning on problems.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="`report` stage: the run's report card.")
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the ledger.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where stages run: in-process, "
+                                       "or on Prefect work pools (GPU stages on the GPU pool). Not part of any key.")

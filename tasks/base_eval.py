@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from model.config import BaseEvalConfig
 
-from .launch import launch
+from .launch import EVAL_FILES, launch
 from .stage import StageContext, StageDef
 
 
@@ -15,7 +15,8 @@ def compute(cfg: BaseEvalConfig, ctx: StageContext) -> dict:
         "evalset_dir": str(ctx.inputs["core_evalset"]),
         "out_dir": str(ctx.out_dir),
     }
-    metrics = launch("model.evals.base_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log)
+    metrics = launch("model.evals.base_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log,
+        timeout_minutes=cfg.timeout_minutes, limit_name="base_eval.timeout_minutes", expect=EVAL_FILES)
     ctx.device.update(type=metrics["device_type"], count=metrics["world_size"], nodes=1)
     name, value = metrics["score_name"], metrics["score"]
     ctx.log(f"base_eval: {name} {value:.4f}" if value is not None else "base_eval: CORE not run: data unavailable")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from model.config import ChatEvalConfig
 
-from .launch import launch
+from .launch import EVAL_FILES, launch
 from .stage import StageContext, StageDef
 
 CHECKPOINTS = ("base", "mid", "sft", "rl")
@@ -23,7 +23,8 @@ def _compute(checkpoint: str):
             "evalset_dir": str(ctx.inputs["chat_evalset"]),
             "out_dir": str(ctx.out_dir),
         }
-        metrics = launch("model.evals.chat_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log)
+        metrics = launch("model.evals.chat_eval", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log,
+            timeout_minutes=cfg.timeout_minutes, limit_name="chat_eval.timeout_minutes", expect=EVAL_FILES)
         ctx.device.update(type=metrics["device_type"], count=metrics["world_size"], nodes=1)
         value = metrics["score"]
         ctx.log(f"chat_eval {checkpoint}: {metrics['score_name']} {value:.4f}" if value is not None

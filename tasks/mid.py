@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from model.config import MidConfig
 
-from .launch import launch
+from .launch import CHECKPOINT_FILES, launch
 from .stage import StageContext, StageDef
 
 
@@ -16,7 +16,8 @@ def compute(cfg: MidConfig, ctx: StageContext) -> dict:
         "out_dir": str(ctx.out_dir),
         "wip_dir": str(ctx.wip_dir),
     }
-    metrics = launch("model.train.mid", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log)
+    metrics = launch("model.train.mid", spec, ctx.wip_dir / "launch", nproc=cfg.nproc, log=ctx.log,
+        timeout_minutes=cfg.timeout_minutes, limit_name="mid.timeout_minutes", expect=CHECKPOINT_FILES)
     ctx.device.update(type=metrics["device_type"], count=metrics["world_size"], nodes=1)
     return metrics
 

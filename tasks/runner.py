@@ -23,6 +23,7 @@ from artifacts.manifest import Manifest
 from artifacts.store import Store
 from model.config import PipelineConfig
 
+from .locks import hold
 from .stage import StageContext, StageDef
 
 
@@ -97,7 +98,9 @@ def execute(
     m = lookup(store, key, log)
     if m is not None and not force:
         return hit(m)
-    with store.lock(key, on_wait=lambda: log(f"{st.name}: another process is computing {key[:12]}; waiting")):
+    # the store's lock, and Prefect's concurrency slot when several machines may compute the key (tasks/locks.py)
+    waiting = lambda: log(f"{st.name}: another process is computing {key[:12]}; waiting")  # noqa: E731
+    with hold(store, key, cfg.execution, on_wait=waiting, log=log):
         waited = m is None
         m = lookup(store, key, log)
         if m is not None and (not force or waited):

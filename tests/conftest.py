@@ -37,7 +37,9 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": "",
+           # a run waiting for a key's concurrency slot (tasks/locks.py) asks again within 2 s, not up to 30 s
+           "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -343,13 +343,17 @@ def check_serve(r: Readme, command: str, monkeypatch) -> None:
 
 
 def check_server(r: Readme, command: str, monkeypatch) -> None:
-    """Started with its own Prefect home (on a free port when 4200 is taken here) until both deployments are
-    served, then Ctrl-C."""
+    """Started with its own Prefect home and chatforge home (its database goes there, not into the README's
+    store; on a free port when 4200 is taken here) until both deployments of deploy/prefect.yaml exist and a
+    worker per pool is online, then Ctrl-C: it exits and no process it started is left."""
     import httpx
+
+    from flows.worker import descendants
 
     command, port = with_port(command, 4200)
     env = {k: v for k, v in r.env.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(r.tmp / "server-prefect-home")
+    env["CHATFORGE_HOME"] = str(r.tmp / "server-home")
     log = r.tmp / "server.log"
     proc = background(command, env, log)
     api = f"http://127.0.0.1:{port}/api"
@@ -357,16 +361,28 @@ def check_server(r: Readme, command: str, monkeypatch) -> None:
     def deployments():
         try:
             names = [httpx.get(f"{api}/deployments/name/{name}", timeout=5).status_code for name in
-                     ("chatforge/pipeline", "chatforge-stage/stage")]
+                     ("chatforge/chatforge-pipeline", "chatforge-stage/chatforge-stage")]
         except httpx.HTTPError:
             return False
         return names == [200, 200]
 
+    children: list[int] = []
     try:
-        wait_for(deployments, 300, "the two served deployments", proc, log)
+        wait_for(deployments, 300, "the two deployments", proc, log)
+        wait_for(lambda: "chatforge server: ready in" in log.read_text(), 120, "a worker per pool", proc, log)
+        children = descendants(proc.pid)
+        assert f"Prefect UI at http://127.0.0.1:{port}" in log.read_text()
     finally:
         rc = stop(proc)
     assert rc in (0, 130), log.read_text()[-2000:]
+
+    def running(pid: int) -> bool:  # an exited child not yet reaped (a zombie) is gone too
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert len(children) >= 5 and not [p for p in children if running(p)], log.read_text()[-2000:]
 
 
 def check_core_run(r: Readme, command: str, monkeypatch) -> None:

@@ -20,6 +20,7 @@ from model.data.chat_loader import Conversations
 from model.chat.conversation import render
 from model.nn.load import load_model
 from model.train import common, mid
+from tasks.launch import CHECKPOINT_FILES
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -209,8 +210,9 @@ def test_stage_defs_launch_the_entry_point_with_a_spec_it_runs(stage, tiny_check
     cfg = small(num_iterations=2) if stage == "mid" else SftConfig(examples_per_step=4, device_batch_size=2, num_iterations=2, device="cpu")
     calls = []
 
-    def fake_launch(module, spec, work_dir, nproc, log):
+    def fake_launch(module, spec, work_dir, nproc, log, **limits):
         calls.append((module, nproc))
+        assert limits == {"timeout_minutes": None, "limit_name": f"{stage}.timeout_minutes", "expect": CHECKPOINT_FILES}
         return {"mid": mid, "sft": sft}[stage].train(spec)
 
     monkeypatch.setattr(task, "launch", fake_launch)
