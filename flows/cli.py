@@ -81,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
                 "deploy/prefect.yaml (defaults: --preset/--set) and one worker per pool; Ctrl-C stops it all")
     srv = sub.add_parser("server", help=srv_help, description=srv_help[0].upper() + srv_help[1:] + ".")
     _config_args(srv)
+    _prices_arg(srv)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only; "
                      "0.0.0.0 lets workers on other machines connect)")
     srv.add_argument("--port", type=int, default=4200, help="Prefect server port (default: 4200)")
@@ -202,15 +203,6 @@ def _config(args):
     return build_config(args.preset, args.sets)
 
 
-def _with_prices(cfg, path: str | None):
-    """The run's config with the user's price file in it (read now: a bad file fails before anything runs)."""
-    from artifacts.prices import user_file
-
-    price_file, file_prices = user_file(path)
-    cost = cfg.cost.model_copy(update={"price_file": price_file, "file_prices": file_prices})
-    return cfg.model_copy(update={"cost": cost})
-
-
 def _check_stage(name: str) -> None:
     from tasks.registry import get
 
@@ -220,7 +212,9 @@ def _check_stage(name: str) -> None:
 def cmd_run(args) -> int:
     from artifacts.store import Store
 
-    cfg = _with_prices(_config(args), args.prices)
+    from flows.overrides import with_prices
+
+    cfg = with_prices(_config(args), args.prices)
     for name in ([args.until] if args.until else []) + args.force:
         _check_stage(name)
     store = Store(args.store)
@@ -296,7 +290,9 @@ def cmd_stage(args) -> int:
             cfg.report.run_id = args.run_id
     else:
         cfg = _config(args)
-    cfg = _with_prices(cfg, args.prices)  # today's prices charge today's compute, also for an earlier run's config
+    from flows.overrides import with_prices
+
+    cfg = with_prices(cfg, args.prices)  # today's prices charge today's compute, also for an earlier run's config
     if args.name == "report" and not cfg.report.run_id:  # before any Prefect server starts
         from model.errors import InputError
         from tasks.report import MISSING_RUN
@@ -370,7 +366,7 @@ def cmd_server(args) -> int:
     from flows.server import main as serve_main
 
     pools = [p.strip() for p in args.workers.split(",") if p.strip() and p.strip() != "none"]
-    return serve_main(args.host, args.port, args.preset, args.sets, args.store, crash_after=args.crash_after, local_pools=pools)
+    return serve_main(args.host, args.port, args.preset, args.sets, args.store, prices=args.prices, crash_after=args.crash_after, local_pools=pools)
 
 
 def cmd_worker(args) -> int:

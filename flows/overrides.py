@@ -12,6 +12,16 @@ class ConfigError(ValueError):
     """Unknown preset, unknown key or wrong value type; the message says which and how to fix it."""
 
 
+def with_prices(cfg: PipelineConfig, path: str | None) -> PipelineConfig:
+    """`cfg` with the user's price file in it (`path`, else $CHATFORGE_HOME/prices.toml when it exists), read
+    now: a bad file fails before anything runs."""
+    from artifacts.prices import user_file
+
+    price_file, file_prices = user_file(path)
+    cost = cfg.cost.model_copy(update={"price_file": price_file, "file_prices": file_prices})
+    return cfg.model_copy(update={"cost": cost})
+
+
 def build_config(preset: str = "tiny", sets: list[str] | None = None) -> PipelineConfig:
     from .presets import PRESETS
 

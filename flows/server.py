@@ -272,12 +272,12 @@ def _banner(host: str, local: str, port: int, deps: dict[str, dict], preset: str
     ])
 
 
-def main(host: str, port: int, preset: str, sets: list[str], store: str | None, crash_after: float = 90,
+def main(host: str, port: int, preset: str, sets: list[str], store: str | None, prices: str | None = None, crash_after: float = 90,
          local_pools: list[str] | None = None) -> int:
-    from flows.overrides import build_config
+    from flows.overrides import build_config, with_prices
     from flows.ui import form_config
 
-    config = form_config(build_config(preset, sets))  # a bad --set fails before anything starts
+    config = form_config(with_prices(build_config(preset, sets), prices))  # a bad --set or price file fails before anything starts
     if store:
         from artifacts.store import Store
 

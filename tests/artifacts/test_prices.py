@@ -108,3 +108,6 @@ def test_cli_bad_price_file_fails_before_anything_runs(tmp_path):
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "prices.toml is not valid TOML" in r.stderr
     r = cli("run", "--store", str(store), "--prices", str(tmp_path / "none.toml"), "--dry-run", home=tmp_path)
     assert r.returncode == 1 and "none.toml not found" in r.stderr and not store.exists()
+    # `chatforge server` puts the price file into its deployments' default config: read as strictly, at once
+    r = cli("server", "--port", "9", "--prices", str(bad), home=tmp_path)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "prices.H100 = 'x' is not a price" in r.stderr

@@ -324,6 +324,12 @@ def test_two_workers_race_for_the_same_keys_on_s3(cluster, corpus, s3_env):
     # meanwhile, a run that names a pool nobody created fails at once, saying so and how to fix it
     bad = cluster.trigger(config(corpus, "--set", 'execution.pools={"cpu":"chatforge-cpu","gpu":"no-such-pool"}'),
                           store, until="base")
+    # a form value the parameter schema forbids: the API refuses the run, naming the field (the UI's form shows it)
+    wrong = config(corpus)
+    wrong["tokenizer"]["vocab_size"] = 5
+    dep = cluster.deployment("chatforge/chatforge-pipeline")
+    r = cluster.http.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": {"config": wrong, "store": store}})
+    assert r.status_code == 409 and "vocab_size" in r.text and "265" in r.text, r.text
     t0 = time.perf_counter()
     first = cluster.trigger(with_pools, store, until="base")
     # the second run starts when the first hands base to the GPU pool: both machines then reach base within
