@@ -1,6 +1,10 @@
 """DuckDB over the store's files: `stage_runs`, `runs` (the cost / time / score triple), `artifacts`,
 `run_info`, `evals`, and `skipped` (the files that could not be read, and why).
 
+`stage_runs` has one row per stage attempt, whose status is `completed`, `failed`, `running`, or `interrupted`:
+a `running` row whose heartbeat stopped (ledger.py's rule, as the macro `ledger_status`). That is decided when
+a query runs, not when a file is read, so the cached catalog needs no refresh for a dead attempt to show.
+
 The JSON files in the store are the truth; DuckDB only reads them. Two ways to hold the catalog:
 
 - `connect(store)`: in memory, built from scratch (the CLI's `artifacts query`, the run summary);
@@ -26,6 +30,7 @@ from pathlib import Path
 import duckdb
 
 from . import catalog_files as cf
+from . import ledger
 from .store import DEFAULT_ROOT, Store
 
 VERSION = "3"  # of the cache's tables and of the reading rules: a cache of another version is rebuilt
@@ -39,8 +44,11 @@ _VIEWS = {
         -- the hit started; else the latest one, any run). Computed rows and failures save nothing.
         WITH made AS (SELECT key, "end", cost_usd FROM ledger_rows WHERE NOT cache_hit AND status = 'completed'),
              latest AS (SELECT key, arg_max(cost_usd, "end") AS cost FROM made GROUP BY key)
+        -- status as readers report it (ledger.py): a `running` row whose heartbeat stopped is `interrupted`. Its
+        -- "end" is its last heartbeat, and its wall, device-hours and dollars are those up to it, as written.
         SELECT l.run_id, l.stage, l.key, l.cache_hit, l.start, l."end", l.wall_seconds, l.device_type, l.devices,
-               l.nodes, l.device_hours, l.price_per_device_hour, l.cost_usd, l.status, l.preset, l.error, l.metrics,
+               l.nodes, l.device_hours, l.price_per_device_hour, l.cost_usd,
+               ledger_status(l.status, l."end", now()) AS status, l.preset, l.error, l.metrics,
                l.price_source,
                CASE WHEN l.cache_hit THEN coalesce(b.cost_usd, a.cost, 0.0) ELSE 0.0 END AS saved_usd
         FROM ledger_rows l
@@ -52,22 +60,28 @@ _VIEWS = {
         SELECT a.key, a.stage, a.created, e.suite, e.task, e.metric, e.value, e.n, e.status
         FROM eval_rows e JOIN manifest_rows a ON e.key = a.key""",
     "skipped": "SELECT path, reason FROM catalog_files WHERE reason IS NOT NULL",
-    # The triple, defined here once (summary, report card and dashboard read it): dollars (computed and
-    # failed rows at the price each row recorded; cache hits cost 0 and show what they saved), time (wall
+    # The triple, defined here once (summary, report card and dashboard read it): dollars (computed, failed and
+    # interrupted attempts at the price each row recorded; cache hits cost 0 and show what they saved), time (wall
     # clock from the first start to the last end, and the sum of stage times), score (CORE of the base
     # model; ChatCORE of the final chat model: rl, else sft, else mid — never chat_eval_base — each under
     # the name its eval gave it, so a partial suite stays partial; the headline is the chat score if any).
+    # An attempt still `running` is not in the totals yet (`running` counts them; stage_runs shows what they have
+    # spent so far): the triple is of attempts that ended or stopped, so it does not creep while a stage runs,
+    # and the report stage's card leaves out its own attempt. `started` is the first start, running or not.
     "runs": f"""
         WITH agg AS (
             SELECT run_id, any_value(preset) FILTER (WHERE preset <> '') AS preset,
-                   min(start) AS started, max("end") AS finished,
-                   date_diff('millisecond', min(start), max("end")) / 1000.0 AS wall_clock_seconds,
-                   sum(wall_seconds) AS stage_seconds,
-                   coalesce(sum(cost_usd) FILTER (WHERE NOT cache_hit), 0.0) AS cost_usd,
-                   sum(saved_usd) AS saved_usd, sum(device_hours) AS device_hours,
-                   count(*) AS stage_executions, count(*) FILTER (WHERE cache_hit) AS cache_hits,
-                   count(*) FILTER (WHERE status = 'failed') AS failures
-            FROM stage_runs GROUP BY run_id),
+                   min(start) AS started, max("end") FILTER (WHERE ended) AS finished,
+                   date_diff('millisecond', min(start), max("end") FILTER (WHERE ended)) / 1000.0 AS wall_clock_seconds,
+                   coalesce(sum(wall_seconds) FILTER (WHERE ended), 0.0) AS stage_seconds,
+                   coalesce(sum(cost_usd) FILTER (WHERE ended AND NOT cache_hit), 0.0) AS cost_usd,
+                   coalesce(sum(saved_usd) FILTER (WHERE ended), 0.0) AS saved_usd,
+                   coalesce(sum(device_hours) FILTER (WHERE ended), 0.0) AS device_hours,
+                   count(*) FILTER (WHERE ended) AS stage_executions, count(*) FILTER (WHERE cache_hit) AS cache_hits,
+                   count(*) FILTER (WHERE status = 'failed') AS failures,
+                   count(*) FILTER (WHERE status = 'interrupted') AS interrupted,
+                   count(*) FILTER (WHERE NOT ended) AS running
+            FROM (SELECT *, status <> 'running' AS ended FROM stage_runs) GROUP BY run_id),
         per_device AS (
             SELECT run_id, device_type, max(devices * nodes) AS n
             FROM stage_runs WHERE NOT cache_hit GROUP BY run_id, device_type),
@@ -93,7 +107,7 @@ _VIEWS = {
                CASE WHEN chat.chat_score IS NOT NULL THEN chat.chat_name WHEN core.core IS NOT NULL THEN core.core_name
                     ELSE coalesce(chat.chat_name, core.core_name) END AS score_name,
                coalesce(chat.chat_score, core.core) AS score,
-               a.device_hours, hw.device_types
+               a.device_hours, hw.device_types, a.interrupted, a.running
         FROM agg a
         LEFT JOIN (SELECT * FROM run_info QUALIFY row_number() OVER (PARTITION BY run_id) = 1) i ON a.run_id = i.run_id
         LEFT JOIN hw ON a.run_id = hw.run_id
@@ -187,6 +201,8 @@ class Catalog:
         for kind, table in RAW.items():
             cols = ", ".join(f'"{c}" {t}' for c, (t, _) in {"path": ("VARCHAR", None), **cf.COLUMNS[kind]}.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
+        # the staleness rule of ledger.py, with this process's heartbeat interval (it takes `now`: tests give one)
+        con.execute(ledger.status_macro("ledger_status"))
         for name, sql in _VIEWS.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         if self._version(con) is None:
@@ -203,7 +219,7 @@ class Catalog:
             if not new and not gone:
                 return self
             data = cf.read(self.store, new)
-            rows: dict[str, list[tuple]] = {kind: [] for kind in RAW}
+            rows: dict[str, list[tuple]] = {kind: [] for kind in cf.KINDS}  # refs: checked, no rows
             files: list[tuple] = []
             for p in new:
                 kind, sig = listed[p]

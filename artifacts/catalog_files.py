@@ -1,9 +1,10 @@
 """The store files the catalog reads, and how each becomes table rows.
 
-Four kinds of small JSON files, each immutable once written (a forced recompute replaces a manifest,
-which changes its size/mtime signature): ledger rows, run files, manifests and evals.json. Every file
-is parsed and type-checked here, one at a time, so that one truncated or hand-edited file is skipped
-with a reason instead of failing the whole catalog (DuckDB's read_json over a glob stops at the first).
+Five kinds of small JSON files, each replaced whole when it changes (which changes its size/mtime
+signature): ledger rows, run files, manifests, evals.json and refs. Every file is parsed and type-checked
+here, one at a time, so that one truncated or hand-edited file is skipped with a reason instead of failing
+the whole catalog (DuckDB's read_json over a glob stops at the first). Refs contribute no rows: they are
+read only so that a damaged one is listed in `skipped` with the rest.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from .errors import StoreError
 from .manifest import SCHEMA as MANIFEST_SCHEMA
-from .store import Store
+from .store import Store, Unreadable, load_json, ref_key
 
 # Columns of the raw tables, in order (each also has a leading `path`: the file a row came from, so that
 # a file that disappears or changes takes its rows with it). Values: (DuckDB type, default); REQUIRED
@@ -54,8 +55,8 @@ _ARROW = {"VARCHAR": pa.string(), "JSON": pa.string(), "BOOLEAN": pa.bool_(), "D
 _INT_MAX = 2**31 - 1
 
 
-class Unreadable(ValueError):
-    """Why a file was skipped (becomes a row of the `skipped` table)."""
+# Unreadable (from store.py): why a file was skipped; it becomes a row of the `skipped` table.
+KINDS = (*COLUMNS, "ref")  # what listing() finds; a ref is checked but contributes no rows
 
 
 # ---------------------------------------------------------------- finding the files
@@ -66,7 +67,8 @@ def listing(store: Store) -> dict[str, tuple[str, str]]:
     if store.local:
         return _scan_local(store.root)
     patterns = {"ledger": ("ledger", "*", "*.json"), "run": ("runs", "*.json"),
-                "manifest": ("artifacts", "*", "manifest.json"), "evals": ("artifacts", "*", "evals.json")}
+                "manifest": ("artifacts", "*", "manifest.json"), "evals": ("artifacts", "*", "evals.json"),
+                "ref": ("refs", "*", "*.json")}
     out: dict[str, tuple[str, str]] = {}
     for kind, parts in patterns.items():
         try:
@@ -106,6 +108,11 @@ def _scan_local(root: str) -> dict[str, tuple[str, str]]:
         if d.is_dir():
             add(f"{d.path}/manifest.json", "manifest")
             add(f"{d.path}/evals.json", "evals")
+    for stage_dir in _entries(f"{root}/refs"):
+        if stage_dir.is_dir():
+            for f in _entries(stage_dir.path):
+                if f.name.endswith(".json"):
+                    add(f.path, "ref", f)
     return out
 
 
@@ -142,12 +149,10 @@ def read(store: Store, paths: list[str]) -> dict[str, bytes | OSError]:
 
 def parse(kind: str, path: str, raw: bytes) -> list[tuple]:
     """The rows one file contributes to its kind's table (`path` first), or Unreadable(reason)."""
-    try:
-        doc = json.loads(raw)
-    except UnicodeDecodeError:
-        raise Unreadable("not UTF-8 text") from None
-    except ValueError as e:
-        raise Unreadable(f"{'empty file' if not raw.strip() else 'truncated or invalid JSON'} ({e})") from None
+    if kind == "ref":
+        ref_key(raw)
+        return []
+    doc = load_json(raw)
     parts = PurePosixPath(path).parts
     if kind == "evals":
         if not isinstance(doc, list):

@@ -11,7 +11,9 @@ run's start record and environment), `artifacts` (manifests: kind, code version,
 As nanochat's card: the environment, one section per stage (time, cost, cache hit, key metrics), then a
 summary with the table of metrics by model (BASE / MID / SFT / RL, the columns that exist) and the run's
 totals. Unlike nanochat's, it is built from the ledger, not written by the stages as they go, so it exists for
-any run at any time: a run that stopped early gets a card of what it did. Nothing is measured here and no stage
+any run at any time: a run that stopped early gets a card of what it did, a killed attempt included (the ledger
+reports it `interrupted`, charged up to its last heartbeat). An attempt still running is named, not yet counted:
+the card's stages and totals are the attempts that ended or stopped. Nothing is measured here and no stage
 is known by name: a model column is the checkpoint stage an eval artifact scored (its lineage). No torch.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Sequence
 
 from .catalog import json_value
 from .errors import StoreError
-from .summary import NOT_RUN, dollars, flatten, seconds, suite_name, value
+from .summary import NOT_RUN, UNFINISHED, dollars, flatten, seconds, suite_name, value
 
 QUERY_RUNS = "chatforge artifacts query 'select run_id from runs'"
 MODEL_ORDER = ("base", "mid", "sft", "rl")  # nanochat's columns, in training order; any other checkpoint follows
@@ -64,22 +66,25 @@ def _score(name: str | None, v: float | None) -> str:
 
 def _stages(rows: list[dict]) -> list[dict]:
     """The ledger rows of a run, one entry per stage in the order the stages started: times, dollars and device
-    hours of every attempt added up (a retried run ran a stage again), the outcome of the last one."""
+    hours of every attempt added up (a retried run ran a stage again; an interrupted attempt up to its last
+    heartbeat), the outcome of the last one."""
     out: dict[str, dict] = {}
     for r in rows:
-        s = out.setdefault(r["stage"], {"stage": r["stage"], "attempts": 0, "failed_attempts": 0, "wall_seconds": 0.0,
-                                        "cost_usd": 0.0, "saved_usd": 0.0, "device_hours": 0.0,
+        s = out.setdefault(r["stage"], {"stage": r["stage"], "attempts": 0, "failed_attempts": 0, "interrupted_attempts": 0,
+                                        "wall_seconds": 0.0, "cost_usd": 0.0, "saved_usd": 0.0, "device_hours": 0.0,
                                         "start": _plain(r.get("start")), "metrics": {}, "error": ""})
         s["attempts"] += 1
         for k in ("wall_seconds", "cost_usd", "saved_usd", "device_hours"):
             s[k] += r.get(k) or 0.0
-        failed = r.get("status") == "failed"
-        s["failed_attempts"] += failed
+        status = r.get("status")
+        s["failed_attempts"] += status == "failed"
+        s["interrupted_attempts"] += status == "interrupted"
         n = (r.get("devices") or 1) * (r.get("nodes") or 1)
-        s.update(key=r["key"], end=_plain(r.get("end")), result="failed" if failed else "cached" if r.get("cache_hit") else "computed",
+        s.update(key=r["key"], end=_plain(r.get("end")),
+                 result=status if status in UNFINISHED else "cached" if r.get("cache_hit") else "computed",
                  device=r.get("device_type") if n == 1 else f"{n}×{r.get('device_type')}",
                  price_per_device_hour=r.get("price_per_device_hour"), price_source=r.get("price_source"))
-        if failed:
+        if status in UNFINISHED:
             s["error"] = r.get("error") or ""
         else:
             s["metrics"] = _loads(r.get("metrics")) or {}
@@ -172,14 +177,19 @@ def card(con, run_id: str, max_metrics: int = 20, dag: Sequence[str] | None = No
     """Every fact of `run_id`'s report card, JSON-ready (what report.json holds and `markdown` renders).
 
     `max_metrics`: metrics listed per stage section; `dag`: the flow's stage names in order, when known (the
-    CLI and the report stage pass them): the stages the run did not reach are then listed as not run.
+    CLI and the report stage pass them): the stages the run did not reach are then listed as not run, and a
+    stage outside it is not named as running (the report stage leaves itself out: its own attempt is running
+    while it writes the card). Attempts still running are listed in `running`, not in the stages or totals.
     Raises UnknownRun when the store has neither a ledger row nor a run record of `run_id`."""
     run = next(iter(_rows(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])), None)
     info = next(iter(_rows(con, "SELECT * FROM run_info WHERE run_id = ?", [run_id])), None)
     if run is None and info is None:
         raise UnknownRun(f"no run {run_id!r} in this store: list the runs with `{QUERY_RUNS}`")
     run, info = {k: _plain(v) for k, v in (run or {}).items()}, {k: _plain(v) for k, v in (info or {}).items()}
-    stages = _stages(_rows(con, 'SELECT * FROM stage_runs WHERE run_id = ? ORDER BY "start", "end"', [run_id]))
+    rows = _rows(con, 'SELECT * FROM stage_runs WHERE run_id = ? ORDER BY "start", "end"', [run_id])
+    # the card is of attempts that ended or stopped, as the run's totals (`runs`) are
+    stages = _stages([r for r in rows if r["status"] != "running"])
+    running = list(dict.fromkeys(r["stage"] for r in rows if r["status"] == "running" and (dag is None or r["stage"] in dag)))
     keys = [s["key"] for s in stages]
     arts = {a["key"]: a for a in _rows(con, "SELECT key, kind, stage, host, code, parents FROM artifacts WHERE list_contains(?, key)", [keys])}
     parents = [p for a in arts.values() for p in (_loads(a["parents"]) or {}).values() if p not in arts]
@@ -190,15 +200,16 @@ def card(con, run_id: str, max_metrics: int = 20, dag: Sequence[str] | None = No
 
     scored: list[tuple[str, dict]] = []
     for s in stages:
-        # what the artifact under the key is: not for a failed stage, whose key may hold another run's artifact
-        a = (arts.get(s["key"]) or {}) if s["result"] != "failed" else {}
+        # what the artifact under the key is: not for a failed or interrupted stage, whose key may hold another
+        # run's artifact
+        a = (arts.get(s["key"]) or {}) if s["result"] not in UNFINISHED else {}
         s["kind"] = a.get("kind") or ""
         s["code_version"] = (_loads(a.get("code")) or {}).get("version", "")
         s["host"] = a.get("host") or ""
         s["key_metrics"], s["metrics_left_out"] = key_metrics(s["metrics"], max_metrics)
         s["headline"] = _score(s["metrics"].get("score_name"), s["metrics"].get("score"))
-        s["suites"] = _suites(evals_by_key.get(s["key"], [])) if s["result"] != "failed" else []
-        if s["result"] != "failed" and (s["kind"] == "eval" or s["suites"]):
+        s["suites"] = _suites(evals_by_key.get(s["key"], [])) if s["result"] not in UNFINISHED else []
+        if s["result"] not in UNFINISHED and (s["kind"] == "eval" or s["suites"]):
             s["model"] = _model_column(s, arts)
             scored.append((s["model"], s))
 
@@ -210,7 +221,7 @@ def card(con, run_id: str, max_metrics: int = 20, dag: Sequence[str] | None = No
             versions.setdefault(s["code_version"], []).append(s["stage"])
         if s["host"]:
             hosts.setdefault(s["host"], []).append(s["stage"])
-    ran = [s["stage"] for s in stages]
+    ran = [s["stage"] for s in stages] + running
     return {
         "run_id": run_id,
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -226,6 +237,7 @@ def card(con, run_id: str, max_metrics: int = 20, dag: Sequence[str] | None = No
             **{k: env[k] for k in ("python", "platform", "cpus", "memory_gb", "gpus", "packages") if k in env},
         },
         "stages": stages,
+        "running": running,
         "not_run": [name for name in dag or () if name not in ran],
         "models": _table(scored),
         "totals": {
@@ -233,7 +245,7 @@ def card(con, run_id: str, max_metrics: int = 20, dag: Sequence[str] | None = No
             "cost_usd": run.get("cost_usd"), "saved_usd": run.get("saved_usd"),
             "device_hours": sum(s["device_hours"] for s in stages),
             "stage_executions": run.get("stage_executions") or 0, "cache_hits": run.get("cache_hits") or 0,
-            "failures": run.get("failures") or 0,
+            "failures": run.get("failures") or 0, "interrupted": run.get("interrupted") or 0,
         },
         "scores": {k: run.get(k) for k in ("core_name", "core", "chat_stage", "chat_name", "chat_score", "score_name", "score")},
     }
@@ -301,7 +313,8 @@ def _stage(s: dict) -> list[str]:
     if result == "cached":
         result += f" (saved {dollars(s['saved_usd'])})" if s["saved_usd"] else ""
     if s["attempts"] > 1:
-        result += f", {s['attempts']} attempts ({s['failed_attempts']} failed; time and $ of all)"
+        stopped = [f"{s[f'{what}_attempts']} {what}" for what in ("failed", "interrupted") if s.get(f"{what}_attempts")]
+        result += f", {s['attempts']} attempts ({', '.join(stopped or ['0 failed'])}; time and $ of all)"
     out = [f"### {s['stage']} · {result} · {seconds(s['wall_seconds'])} · {dollars(s['cost_usd'])}", ""]
     price = f"{dollars(s['price_per_device_hour'])}/device-hour" + (f" ({s['price_source']})" if s.get("price_source") else "")
     line = [s["device"] or "", price, f"{_hours(s['device_hours'])} device-hours", f"key {s['key'][:12]}"]
@@ -312,6 +325,9 @@ def _stage(s: dict) -> list[str]:
     out += [" · ".join(x for x in line if x), ""]
     if s["result"] == "failed":
         out += [f"Failed: `{s['error'].splitlines()[0] if s['error'] else 'no error recorded'}`", ""]
+    if s["result"] == "interrupted":
+        out += [f"Interrupted: its heartbeat stopped at {_when(s.get('end'))} (the process was killed, or its machine "
+                "lost); time and $ are counted up to then.", ""]
     if s["headline"] and not any(suite["suite"] != "bpb" for suite in s["suites"]):  # its evals.json is gone: the ledger's
         out += [f"**{s['headline']}**", ""]
     for suite in s["suites"]:
@@ -353,13 +369,14 @@ def _summary(c: dict) -> list[str]:
         out.append(f"- Base model: {core}")
     if chat:
         out.append(f"- Final chat model ({sc.get('chat_stage')}): {chat}")
-    n, hits, failures = t["stage_executions"], t["cache_hits"], t["failures"]
+    n, hits, failures, interrupted = t["stage_executions"], t["cache_hits"], t["failures"], t.get("interrupted") or 0
     out += [
         f"- Total wall clock time: {seconds(t['wall_clock_seconds'])} (first stage start to last stage end)",
         f"- Stage time: {seconds(t['stage_seconds'])} (the sum over {n} stage executions: "
-        f"{n - hits - failures} computed, {hits} cached, {failures} failed)",
-        f"- Cost: {dollars(t['cost_usd'])} ({_hours(t['device_hours'])} device-hours; computed and failed stages at the price "
-        "each ledger row recorded; a cache hit costs $0)",
+        f"{n - hits - failures - interrupted} computed, {hits} cached, {failures} failed"
+        + (f", {interrupted} interrupted" if interrupted else "") + ")",
+        f"- Cost: {dollars(t['cost_usd'])} ({_hours(t['device_hours'])} device-hours; computed, failed and interrupted "
+        "stages at the price each ledger row recorded, an interrupted one up to its last heartbeat; a cache hit costs $0)",
         f"- Saved by cache hits: {dollars(t['saved_usd'])} (what those artifacts cost the run that computed them)",
     ]
     return out
@@ -371,13 +388,21 @@ def markdown(c: dict) -> str:
            f"Generated {_when(c['generated'])} from the ledger and the artifacts' manifests.", ""]
     out += _environment(c)
     out += ["## Stages", ""]
+    running = c.get("running") or []
     if not c["stages"]:
-        out += ["No stage of this run is in the ledger yet (a stage's row is written when it ends).", ""]
+        out += ["No stage of this run has ended yet." if running else "No stage of this run is in the ledger yet.", ""]
     for s in c["stages"]:
         out += _stage(s)
-    failed = [s["stage"] for s in c["stages"] if s["result"] == "failed"]
-    if failed or c["not_run"]:
-        why = f"the run stopped: {', '.join(failed)} failed" if failed else "the run did not reach them: an --until run, or one that stopped"
-        out += [f"Not run: {', '.join(c['not_run'])} ({why}).", ""] if c["not_run"] else [f"Failed: {', '.join(failed)}.", ""]
+    if running:
+        one = len(running) == 1
+        out += [f"Running: {', '.join(running)} (not in this card until {'it ends' if one else 'they end'}, or "
+                f"{'its heartbeat stops' if one else 'their heartbeats stop'}: then {'it shows' if one else 'they show'} "
+                "as interrupted).", ""]
+    stopped = [f"{s['stage']} {s['result']}" for s in c["stages"] if s["result"] in ("failed", "interrupted")]
+    if stopped or c["not_run"]:
+        why = f"the run stopped: {', '.join(stopped)}" if stopped else "the run did not reach them: an --until run, or one that stopped"
+        if running and not stopped:
+            why = "the run has not reached them yet, or stopped"
+        out += [f"Not run: {', '.join(c['not_run'])} ({why}).", ""] if c["not_run"] else [f"Stopped: {', '.join(stopped)}.", ""]
     out += _summary(c)
     return "\n".join(out).rstrip() + "\n"

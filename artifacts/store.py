@@ -10,6 +10,7 @@ Layout under the root (a local directory or any fsspec URL):
     leases/<key>.json              who computes a key now (remote stores: the lock across machines)
     tmp/<key>.<nonce>/             staging of a stage being computed (local stores)
     trash/                         replaced or corrupt artifacts, emptied by gc
+    quarantine/                    unreadable files set aside by `gc --quarantine` (same relative paths), kept
 
 A directory without a manifest does not exist: on a local root the staging directory is renamed
 into place in one step; on an object store the manifest is uploaded after every file.
@@ -20,9 +21,12 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
+import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +42,9 @@ DEFAULT_ROOT = "~/.cache/chatforge"
 LOCAL_PROTOCOLS = ("file", "local")
 # Cache hits re-hash artifacts up to this size (flipped bytes keep sizes); larger ones are size-checked.
 VERIFY_ON_READ_BYTES = int(os.environ.get("CHATFORGE_VERIFY_MAX_BYTES", 256 << 20))
+# Object stores whose URL must start with a bucket name (s3://bucket/path).
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+_LOOKS_LIKE_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/")  # `s3:/bucket`: a URL missing a slash, not a directory
 
 
 def default_url() -> str:
@@ -57,6 +64,11 @@ class Store:
                 f"unknown store scheme {scheme!r} in {url!r}: use a local path or an fsspec URL "
                 "(file://, memory://, s3://, gs://, ...)"
             )
+        if "://" not in url and _LOOKS_LIKE_URL.match(url):
+            raise StoreError(f"store {url!r} looks like a malformed URL (a scheme needs `://`, e.g. s3://bucket/path); "
+                             "use ./ before a local directory whose name has a colon")
+        if scheme in BUCKET_PROTOCOLS and not re.match(r"[^/\s]", url.split("://", 1)[1]):
+            raise StoreError(f"store URL {url!r} names no bucket: use {scheme}://BUCKET[/PATH]")
         try:
             self.fs, path = fsspec.core.url_to_fs(os.path.expanduser(url) if scheme == "file" else url)
         except ImportError as e:
@@ -64,6 +76,9 @@ class Store:
         self.url = url
         self.local = any(p in LOCAL_PROTOCOLS for p in ([self.fs.protocol] if isinstance(self.fs.protocol, str) else self.fs.protocol))
         self.root = path.rstrip("/") or "/"
+        if self.local and os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StoreError(f"store {url!r} is a file, not a directory: name a directory (created when missing) "
+                             "or an fsspec URL (s3://bucket/path) with --store / CHATFORGE_HOME")
         # Staging, locks and pulled copies of a remote store live on local disk.
         if self.local:
             self.local_root = Path(self.root)
@@ -125,7 +140,7 @@ class Store:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as e:
-            raise ArtifactCorrupt(f"artifact {key[:12]}: unreadable manifest ({e}): run `chatforge artifacts gc`") from None
+            raise ArtifactCorrupt(f"artifact {key[:12]}: unreadable manifest ({e}): `chatforge artifacts verify` sets it aside to be recomputed") from None
         problems = self._check(key, m, hashes=m.total_bytes() <= VERIFY_ON_READ_BYTES)
         if problems:
             raise ArtifactCorrupt(f"artifact {key[:12]} ({m.stage}) is corrupt: {problems[0]}")
@@ -177,14 +192,38 @@ class Store:
             return []
         return sorted(p.rstrip("/").split("/")[-2] for p in paths)
 
-    def list(self) -> list[Manifest]:
+    def list(self, damaged: list[tuple[str, str]] | None = None) -> list[Manifest]:
+        """The manifests of committed artifacts, oldest first. An unreadable manifest is skipped; its
+        (path, reason) is appended to `damaged` when given."""
         out = []
         for key in self.keys():
+            path = self._p("artifacts", key, "manifest.json")
             try:
-                out.append(Manifest.from_dict(self.read_json(self._p("artifacts", key, "manifest.json"))))
-            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                m = self._read_manifest(path, key)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except Unreadable as e:
+                if damaged is not None:
+                    damaged.append((path, str(e)))
                 continue
+            out.append(m)
         return sorted(out, key=lambda m: m.created)
+
+    def _read_manifest(self, path: str, key: str) -> Manifest:
+        """A manifest file parsed and checked (Unreadable with the reason; FileNotFoundError when gone)."""
+        with self.fs.open(path, "rb") as f:
+            doc = load_json(f.read())
+        try:
+            m = Manifest.from_dict(doc)
+            if not all(isinstance(v, t) for v, t in ((m.key, str), (m.stage, str), (m.kind, str), (m.created, str),
+                                                     (m.files, dict), (m.parents, dict))):
+                raise ValueError("a field has the wrong type")
+            m.total_bytes()
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise Unreadable(f"not a manifest ({type(e).__name__}: {e})") from None
+        if m.key != key:
+            raise Unreadable(f"manifest names key {str(m.key)[:12]!r}, its directory is {key[:12]}")
+        return m
 
     def local_path(self, key: str) -> Path:
         """A local directory holding the artifact's files (a pulled, verified copy for remote stores)."""
@@ -315,7 +354,9 @@ class Store:
         stage, name = _split_ref(ref)
         self.write_json(self._p("refs", stage, f"{name}.json"), {"key": key, "updated": _now()})
 
-    def refs(self) -> dict[str, str]:
+    def refs(self, damaged: list[tuple[str, str]] | None = None) -> dict[str, str]:
+        """Every ref -> key. A ref file that cannot be read (torn, hand-edited) is skipped; its (path, reason)
+        is appended to `damaged` when given."""
         try:
             paths = self.fs.glob(self._p("refs", "*", "*.json"))
         except FileNotFoundError:
@@ -323,18 +364,31 @@ class Store:
         out = {}
         for p in sorted(paths):
             stage, name = p.rstrip("/").split("/")[-2:]
-            out[f"{stage}/{name[:-5]}"] = self.read_json(p)["key"]
+            try:
+                with self.fs.open(p, "rb") as f:
+                    out[f"{stage}/{name[:-5]}"] = ref_key(f.read())
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except Unreadable as e:
+                if damaged is not None:
+                    damaged.append((p, str(e)))
         return out
 
     def resolve(self, ref_or_key: str) -> str:
         """A full key from a ref (`tokenizer/latest`), a key, or a unique key prefix (≥ 6 hex chars)."""
         if "/" in ref_or_key:
             stage, name = _split_ref(ref_or_key)
+            path = self._p("refs", stage, f"{name}.json")
             try:
-                return self.read_json(self._p("refs", stage, f"{name}.json"))["key"]
+                with self.fs.open(path, "rb") as f:
+                    return ref_key(f.read())
             except FileNotFoundError:
                 known = ", ".join(sorted(self.refs())) or "none yet"
                 raise ArtifactMissing(f"unknown ref {ref_or_key!r} in {self.url} (known: {known})") from None
+            except Unreadable as e:
+                raise StoreError(f"ref {ref_or_key!r} is unreadable ({path}: {e}): rerun its stage to set it again, or "
+                                 "name the artifact by key (`chatforge artifacts ls`); `chatforge artifacts gc --quarantine` "
+                                 "sets the file aside") from None
         prefix = ref_or_key.lower()
         if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
             raise StoreError(f"{ref_or_key!r} is neither a ref (stage/name) nor a key (at least 6 hex characters)")
@@ -351,9 +405,44 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def wip_entries(self) -> list["WipEntry"]:
+        """The work-in-progress directories on this machine (wip/<key>), oldest first."""
+        out = []
+        folder = self.local_root / "wip"
+        if not folder.is_dir():
+            return out
+        keys = set(self.keys())
+        for d in folder.iterdir():
+            if not d.is_dir():
+                continue
+            size, newest = 0, d.stat().st_mtime
+            for base, _, names in os.walk(d):
+                for name in names:
+                    try:
+                        st = os.stat(os.path.join(base, name))
+                    except OSError:
+                        continue  # removed while walking
+                    size += st.st_size
+                    newest = max(newest, st.st_mtime)
+            out.append(WipEntry(d.name, str(d), size, newest, self.is_locked(d.name), d.name in keys))
+        return sorted(out, key=lambda w: w.modified)
+
     # ------------------------------------------------------------------ gc
-    def gc(self, dry_run: bool = False, unreferenced: bool = True) -> list[str]:
-        """Remove staging/trash leftovers, manifest-less directories and (optionally) artifacts no ref reaches."""
+    def gc(self, dry_run: bool = False, unreferenced: bool = True, wip: bool = False, quarantine: bool = False,
+           damaged: list[tuple[str, str]] | tuple = ()) -> "GcReport":
+        """Remove staging/trash leftovers, manifest-less directories, the work in progress of finished keys and
+        (optionally) artifacts no ref reaches; with `wip`, also the resumable work in progress of keys that are
+        not committed (a failed or stopped stage's checkpoints); with `quarantine`, move unreadable files (the
+        refs and manifests found here, plus `damaged`: e.g. the catalog's skipped ledger rows) to quarantine/.
+        Nothing locked (being computed) is touched. With `dry_run`, only report."""
+        report = GcReport()
+        found: dict[str, str] = dict(damaged)
+        bad_refs: list[tuple[str, str]] = []
+        refs = self.refs(bad_refs)
+        bad_manifests: list[tuple[str, str]] = []
+        manifests = {m.key: m for m in self.list(bad_manifests)}
+        found.update(bad_refs + bad_manifests)
+        report.damaged = sorted(found.items())
         doomed: list[str] = []
         keys = set(self.keys())
         for folder in (self.local_root / "tmp", self.local_root / "trash"):
@@ -373,20 +462,97 @@ class Store:
             if key not in keys and not self.is_locked(key):
                 doomed.append(d)
         if unreferenced:
-            live = self._reachable(set(self.refs().values()) & keys)
-            doomed += [self.artifact_dir(k) for k in sorted(keys - live) if not self.is_locked(k)]
-        wip = self.local_root / "wip"
-        if wip.exists():
-            doomed += [str(p) for p in wip.iterdir() if p.name in keys]  # finished: resume state no longer needed
-        if not dry_run:
-            for path in doomed:
-                if self.local or path.startswith(str(self.local_root)):
-                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else Path(path).unlink(missing_ok=True)
-                else:
-                    self.fs.rm(path, recursive=True)
-        return doomed
+            live = self._reachable(set(refs.values()) & keys, manifests)
+            unreached = [self.artifact_dir(k) for k in sorted(keys - live) if not self.is_locked(k)]
+            if unreached and (bad_refs or bad_manifests):
+                # what an unreadable ref names, or an unreadable manifest's parents, is unknown: deleting now
+                # could delete what they keep alive
+                what = " and ".join(f"{n} unreadable {kind}{'s' if n > 1 else ''}" for n, kind in
+                                    ((len(bad_refs), "ref"), (len(bad_manifests), "manifest")) if n)
+                report.kept_unreferenced = (f"{len(unreached)} artifact(s) that no readable ref reaches were kept: "
+                                            f"{what} may name them")
+            else:
+                doomed += unreached
+        for w in self.wip_entries():
+            if w.locked:
+                continue  # a stage is computing (or resuming) this key now
+            if w.committed or wip:
+                doomed.append(w.path)  # finished: resume state no longer needed; or asked for
+            else:
+                report.resumable.append(w)
+        if quarantine:
+            report.quarantined = self._quarantine_plan([p for p, _ in report.damaged])
+            moved = [src for src, _ in report.quarantined]
+            doomed = [d for d in doomed if not any(d == m or d.startswith(m + "/") for m in moved)]
+        report.deleted = doomed
+        if dry_run:
+            return report
+        for src, dst in report.quarantined:
+            self._move(src, dst)
+        for path in doomed:
+            if not (self.local or path.startswith(str(self.local_root))):
+                self.fs.rm(path, recursive=True)
+            elif Path(path).parent == self.local_root / "wip":
+                with self._try_flock(Path(path).name) as free:  # a rerun that starts now keeps its checkpoints
+                    if free:
+                        shutil.rmtree(path, ignore_errors=True)
+            elif os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
+        return report
 
-    def _reachable(self, roots: set[str]) -> set[str]:
+    def _quarantine_plan(self, paths: list[str]) -> list[tuple[str, str]]:
+        """(source, destination under quarantine/) of each unreadable file; a file of an artifact takes its whole
+        directory along (the artifact cannot be trusted: it is recomputed), unless the key is being computed."""
+        plan: dict[str, str] = {}
+        prefix = self.root.rstrip("/") + "/"
+        for path in paths:
+            if not path.startswith(prefix):
+                continue  # not a file of this store: never moved
+            rel = path[len(prefix):]
+            parts = rel.split("/")
+            if parts[0] == "artifacts" and len(parts) > 2:
+                if self.is_locked(parts[1]):
+                    continue
+                rel = "/".join(parts[:2])
+            if parts[0] == "quarantine":
+                continue
+            src = prefix + rel
+            dst = self._p("quarantine", rel)
+            if self.fs.exists(dst):
+                dst = f"{dst}.{uuid.uuid4().hex[:8]}"
+            plan[src] = dst
+        return sorted(plan.items())
+
+    def _move(self, src: str, dst: str) -> None:
+        parent = dst.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            if self.local:
+                os.rename(src, dst)
+            else:
+                self.fs.mv(src, dst, recursive=self.fs.isdir(src))
+        except FileNotFoundError:
+            pass  # gone since it was found: nothing to set aside
+
+    @contextlib.contextmanager
+    def _try_flock(self, key: str) -> Iterator[bool]:
+        """Hold `key`'s lock if it is free (True), without waiting; False when a stage holds it."""
+        path = self.local_root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _reachable(self, roots: set[str], manifests: dict[str, Manifest]) -> set[str]:
         seen: set[str] = set()
         todo = list(roots)
         while todo:
@@ -394,12 +560,65 @@ class Store:
             if key in seen:
                 continue
             seen.add(key)
-            try:
-                m = Manifest.from_dict(self.read_json(self._p("artifacts", key, "manifest.json")))
-            except (FileNotFoundError, ValueError, KeyError):
-                continue
-            todo += list(m.parents.values())
+            m = manifests.get(key)
+            if m is not None:
+                todo += [k for k in m.parents.values() if isinstance(k, str)]
         return seen
+
+
+@dataclass
+class WipEntry:
+    """A work-in-progress directory: a long stage's resumable checkpoints for `key`."""
+
+    key: str
+    path: str
+    bytes: int
+    modified: float  # the newest file's mtime (seconds since the epoch)
+    locked: bool  # a stage computes the key now
+    committed: bool  # the key is committed: nothing left to resume
+
+    @property
+    def age_seconds(self) -> float:
+        return max(0.0, time.time() - self.modified)
+
+
+@dataclass
+class GcReport:
+    deleted: list[str] = field(default_factory=list)  # deleted, or to delete with dry_run
+    resumable: list[WipEntry] = field(default_factory=list)  # work in progress kept (gc --wip deletes it)
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # unreadable store files: (path, reason)
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (from, to) moved, or to move with dry_run
+    kept_unreferenced: str = ""  # why artifacts no ref reaches were kept this time ('' when they were not)
+
+
+class Unreadable(ValueError):
+    """A store file that cannot be parsed (torn, empty, hand-edited): the message is the reason."""
+
+
+def load_json(raw: bytes):
+    """Parsed JSON, or Unreadable naming why not (in the words `verify` and the catalog's `skipped` table use)."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise Unreadable("not UTF-8 text") from None
+    except RecursionError:
+        raise Unreadable("JSON nested too deeply") from None
+    except ValueError as e:
+        raise Unreadable(f"{'empty file' if not raw.strip() else 'truncated or invalid JSON'} ({e})") from None
+
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def ref_key(raw: bytes) -> str:
+    """The key a ref file names, or Unreadable."""
+    doc = load_json(raw)
+    if not isinstance(doc, dict):
+        raise Unreadable(f"expected a JSON object with a key, got {type(doc).__name__}")
+    key = doc.get("key")
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise Unreadable(f"key: expected 64 hex digits, got {json.dumps(key)[:60]}")
+    return key
 
 
 class _Once:

@@ -21,6 +21,8 @@ from .store import Store
 WIDTH = 100
 SHOW_MAX_BYTES = 1 << 20  # report files larger than this are listed, not printed
 LIST_MAX = 12  # list metrics longer than this are cut, saying how many more there are
+# results of an attempt that made no artifact: the key's artifact, if any, is another attempt's
+UNFINISHED = ("failed", "interrupted", "running")
 NOT_RUN = "not run: data unavailable"  # the status eval artifacts give a task without data (model/evals/core_tasks.py)
 
 
@@ -302,7 +304,7 @@ class StageRun:
 
     stage: str
     key: str
-    result: str  # computed | cached | failed
+    result: str  # computed | cached | failed | interrupted (killed: its heartbeat stopped) | running — of the last attempt
     wall_seconds: float
     cost_usd: float
     device_hours: float
@@ -315,7 +317,7 @@ class StageRun:
 
 def stage_runs(store: Store, run_id: str, con=None) -> list[StageRun]:
     """The run's stages in the order they started, from the ledger (DuckDB `stage_runs`; `con`: a catalog
-    connection to reuse)."""
+    connection to reuse). Time and dollars are those of every attempt, an interrupted one's up to its last heartbeat."""
     from .catalog import connect
 
     rows = (con or connect(store)).execute(
@@ -323,7 +325,7 @@ def stage_runs(store: Store, run_id: str, con=None) -> list[StageRun]:
            FROM stage_runs WHERE run_id = ? ORDER BY "start", "end" """, [run_id]).fetchall()
     out: dict[str, StageRun] = {}
     for stage, key, hit, status, wall, cost, dev_h, dev_type, devices, nodes, metrics in rows:
-        result = "failed" if status == "failed" else "cached" if hit else "computed"
+        result = status if status in UNFINISHED else "cached" if hit else "computed"
         n = (devices or 1) * (nodes or 1)
         device = dev_type if n == 1 else f"{n}×{dev_type}"
         prev = out.get(stage)
@@ -365,19 +367,20 @@ def run_summary(store: Store, run_id: str, *, hints: dict[str, str] | None = Non
     def name(s: StageRun) -> str:  # a ref the user can type, when it still points at this run's artifact
         return f"{s.stage}/latest" if refs.get(f"{s.stage}/latest") == s.key else s.key[:12]
 
-    counts = {r: sum(s.result == r for s in runs) for r in ("computed", "cached", "failed")}
+    counts = {r: sum(s.result == r for s in runs) for r in ("computed", "cached", *UNFINISHED)}
     tally = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
     title = f"chatforge run {run_id}" + (f" ({preset})" if (preset := _preset(store, run_id)) else "") + f" · {len(runs)} stages: {tally}"
     out = [_rule(title + (f" · {seconds(elapsed)} end to end" if elapsed is not None else ""))]
     w = max([len(s.stage) for s in runs] + [5])
-    out.append(f"  {'stage':<{w}}  {'result':<9} {'wall':>9} {'cost':>9}  {'device':<8} key")
+    rw = max([len(s.result) for s in runs] + [9])  # wider only for an `interrupted` row
+    out.append(f"  {'stage':<{w}}  {'result':<{rw}} {'wall':>9} {'cost':>9}  {'device':<8} key")
     for s in runs:
         tries = f"  ({s.attempts} tries; time and $ of all)" if s.attempts > 1 else ""
-        out.append(f"  {s.stage:<{w}}  {s.result:<9} {seconds(s.wall_seconds):>9} {dollars(s.cost_usd):>9}  {s.device:<8} {s.key[:12]}{tries}")
-    out.append(f"  {'total':<{w}}  {'':<9} {seconds(stage_seconds or 0.0):>9} {dollars(cost):>9}  "
+        out.append(f"  {s.stage:<{w}}  {s.result:<{rw}} {seconds(s.wall_seconds):>9} {dollars(s.cost_usd):>9}  {s.device:<8} {s.key[:12]}{tries}")
+    out.append(f"  {'total':<{w}}  {'':<{rw}} {seconds(stage_seconds or 0.0):>9} {dollars(cost):>9}  "
                f"{device_hours or 0.0:.3g} device-hours" + (f" · cache hits saved {dollars(saved)}" if saved else ""))
 
-    scored = [s for s in runs if s.result != "failed" and headline(s.metrics)]
+    scored = [s for s in runs if s.result not in UNFINISHED and headline(s.metrics)]
     if scored:
         out += ["", "scores"]
         explained: dict[tuple[str, ...], str] = {}  # several evals of one evalset share one explanation
@@ -394,7 +397,7 @@ def run_summary(store: Store, run_id: str, *, hints: dict[str, str] | None = Non
 
     out += ["", f"artifacts  {store.url}"]
     nxt: list[tuple[str, str]] = []
-    done = [s for s in runs if s.result != "failed"]
+    done = [s for s in runs if s.result not in UNFINISHED]
     checkpoint = next((s for s in reversed(done) if s.kind == "checkpoint"), None)
     if checkpoint:
         nxt += [(f"chatforge chat --model {name(checkpoint)}{opt}", f"talk to the {checkpoint.stage} checkpoint"),

@@ -48,14 +48,18 @@ def _catalog(url: str | None, cache: str) -> Catalog:
 
 def _open(url: str | None) -> tuple[Catalog, float]:
     """The cached catalog of the store at `url`, refreshed now; (catalog, milliseconds the refresh took)."""
+    def not_a_store(path: str, what: str) -> StoreUnavailable:
+        return StoreUnavailable(f"the store {path} {what}: pass the directory your runs wrote to "
+                                "(`chatforge dashboard --store DIR`, or set CHATFORGE_HOME)")
+
+    if url and "://" not in url and os.path.isfile(os.path.expanduser(url)):  # Store() refuses a file: say it here
+        raise not_a_store(url, "is not a directory")
     try:
         store = Store(url)
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing fsspec backend, a refused connection
         raise StoreUnavailable(_why(url, e)) from None
     if store.local and not os.path.isdir(store.root):
-        what = "is not a directory" if os.path.exists(store.root) else "does not exist"
-        raise StoreUnavailable(f"the store {store.url} {what}: pass the directory your runs wrote to "
-                               f"(`chatforge dashboard --store DIR`, or set CHATFORGE_HOME)")
+        raise not_a_store(store.url, "is not a directory" if os.path.exists(store.root) else "does not exist")
     t0 = time.perf_counter()
     try:
         cat = _catalog(url, str(default_cache_path(store)))

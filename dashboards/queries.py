@@ -16,6 +16,7 @@ from artifacts.store import Store
 
 # A stage's result as the pages name it (and color it): a cache hit cost nothing and saved what computing cost.
 COMPUTED, CACHED, FAILED = "computed", "cache hit", "failed"
+INTERRUPTED, RUNNING = "interrupted", "running"  # a killed attempt (its heartbeat stopped), one in progress
 CHECKPOINT_STAGES = ("rl", "sft", "mid", "base")  # what the chat page offers, newest training stage first
 
 
@@ -30,7 +31,7 @@ _json = json_value
 
 RUN_COLUMNS = """run_id, preset, host, hardware, device_types, started, finished, wall_clock_seconds, stage_seconds,
                  cost_usd, saved_usd, stage_executions, cache_hits, failures, core_name, core, chat_stage, chat_name,
-                 chat_score, score_name, score"""
+                 chat_score, score_name, score, interrupted"""
 
 
 def runs(con) -> pd.DataFrame:
@@ -94,13 +95,14 @@ def frontier(df: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- one run
 
 def stages(con, run_id: str) -> pd.DataFrame:
-    """The run's ledger rows in the order they started: result (computed / cache hit / failed), wall seconds
+    """The run's ledger rows in the order they started: result (computed / cache hit / failed / interrupted /
+    running; an interrupted attempt's wall time runs to its last heartbeat), wall seconds
     and hours, device-hours, dollars spent and (for a cache hit) saved, device, the price and its source."""
     df = _df(con, """
         SELECT stage, key, cache_hit, status, start, "end", wall_seconds, wall_seconds / 3600 AS hours, device_hours,
                cost_usd, saved_usd, device_type, devices * nodes AS device_count, price_per_device_hour, price_source, error
         FROM stage_runs WHERE run_id = ? ORDER BY start, "end" """, [run_id])
-    df.insert(1, "result", [FAILED if s == "failed" else CACHED if hit else COMPUTED
+    df.insert(1, "result", [s if s in (FAILED, INTERRUPTED, RUNNING) else CACHED if hit else COMPUTED
                             for s, hit in zip(df["status"], df["cache_hit"])])
     return df
 
@@ -225,13 +227,19 @@ def _show(v: Any) -> str:
 
 def stage_compare(con, a: str, b: str) -> pd.DataFrame:
     """Per stage, side by side: result, wall seconds and dollars in A and in B. A stage executed more than once in
-    a run (a retry after a failure) is summed, and its result is how it ended, with the failures before it."""
+    a run (a retry after a failure) is summed, and its result is how it ended, with the failed and interrupted
+    attempts before it."""
     df = _df(con, """
         SELECT run_id, stage, min(start) AS first, sum(wall_seconds) AS wall_seconds, sum(cost_usd) AS cost_usd,
                CASE WHEN bool_or(status = 'completed' AND NOT cache_hit) THEN 'computed'
-                    WHEN bool_or(status = 'completed') THEN 'cache hit' ELSE 'failed' END
-               || CASE WHEN bool_or(status = 'completed') AND bool_or(status = 'failed')
-                       THEN ' after ' || count(*) FILTER (WHERE status = 'failed') || ' failed' ELSE '' END AS result
+                    WHEN bool_or(status = 'completed') THEN 'cache hit'
+                    WHEN bool_or(status = 'running') THEN 'running'
+                    WHEN bool_or(status = 'failed') THEN 'failed' ELSE 'interrupted' END
+               || CASE WHEN bool_or(status IN ('completed', 'running')) AND bool_or(status IN ('failed', 'interrupted'))
+                       THEN ' after ' || concat_ws(', ',
+                            CASE WHEN bool_or(status = 'failed') THEN count(*) FILTER (WHERE status = 'failed') || ' failed' END,
+                            CASE WHEN bool_or(status = 'interrupted') THEN count(*) FILTER (WHERE status = 'interrupted') || ' interrupted' END)
+                       ELSE '' END AS result
         FROM stage_runs WHERE run_id IN (?, ?) GROUP BY run_id, stage""", [a, b])
     order = df.sort_values("first").drop_duplicates("stage")["stage"].tolist()
     wide = {}

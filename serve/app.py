@@ -6,12 +6,16 @@
     GET  /                      the chat page (static/index.html)
 
 Every error is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a
-one-line message; bad requests get 400 and never reach a worker.
+one-line message; bad requests get 400 and never reach a worker. That includes JSON nested deeper than
+MAX_JSON_DEPTH, which is refused before it is parsed (Python's parser would recurse into it and fail).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+from array import array
+from itertools import accumulate
 import secrets
 import time
 import uuid
@@ -30,6 +34,21 @@ from .schema import (MAX_BODY_BYTES, AssistantMessage, ChatCompletion, ChatCompl
 from .workers import Job, PoolBusy, PoolClosed, WorkerPool
 
 STATIC = Path(__file__).resolve().parent / "static"
+# A request at its deepest (messages > message > content > part > field) is 5 levels; tools' JSON schemas a few more.
+MAX_JSON_DEPTH = 64
+# A JSON string, or the rest of an unterminated one: it always matches once started, so the scan is linear.
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_KEEP_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # as signed bytes: +1 opens, -1 closes
+
+
+def nested_deeper_than(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `body`'s arrays and objects nest more than `limit` levels (brackets inside strings do not count),
+    found without parsing it: linear time, no recursion, C loops only."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # the common case: too few brackets to nest that deep
+    brackets = _STRING.sub(b"", body).translate(None, delete=_KEEP_BRACKETS)
+    return max(accumulate(array("b", brackets.translate(_DEPTH_STEP))), default=0) > limit
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -221,12 +240,18 @@ async def _parse(request: Request) -> ChatCompletionRequest | JSONResponse:
             return error_response(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB: send fewer or shorter messages")
     if not body.strip():
         return error_response(400, "the request body is empty: send a JSON object with 'messages'")
+    too_deep = error_response(400, f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep: "
+                                   "send a flatter JSON object")
+    if nested_deeper_than(bytes(body)):
+        return too_deep
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         return error_response(400, "the request body is not UTF-8 text: send JSON encoded as UTF-8")
     except json.JSONDecodeError as e:
         return error_response(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    except RecursionError:  # not reached after the depth check; kept so that deep JSON can never become a 500
+        return too_deep
     if not isinstance(data, dict):
         return error_response(400, f"the request body must be a JSON object with 'messages' (got a JSON {type(data).__name__})")
     try:

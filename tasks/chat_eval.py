@@ -38,7 +38,7 @@ def stage(checkpoint: str) -> StageDef:
     return StageDef(
         name=f"chat_eval_{checkpoint}", kind="eval", section="chat_eval", inputs=(checkpoint, "chat_evalset"),
         code=("model.evals.chat_eval", "model.evals.chat_format", "model.evals.chat_tasks", "model.evals.core_tasks", "model.evals.evalsets",
-              "model.evals.sandbox", "model.chat.engine", "model.chat.conversation", "model.nn.load", "model.nn.gpt",
+              "model.evals.sandbox", "model.evals.sandbox_child", "model.evals.sandbox_seccomp", "model.chat.engine", "model.chat.conversation", "model.nn.load", "model.nn.gpt",
               "model.train.runtime", "model.data.tokenizer", "model.chat.calculator"),
         compute=_compute(checkpoint), reports=("report.md",), tables=("chat_table.json",),
         describe=f"Chat tasks of the {checkpoint} checkpoint (lettered MC by letter logits; GSM8K, HumanEval in a "

@@ -256,12 +256,13 @@ def ledger(store: Path) -> list[tuple]:
 # ------------------------------------------------------------------ the checks, one per README command
 
 def check_setup(r: Readme, command: str, monkeypatch) -> None:
-    """The pip steps are CI's (.ci/run); `chatforge run --preset tiny` ran as written (the `readme` fixture):
+    """The apt-get and pip steps are CI's (.ci/run); `chatforge run --preset tiny` ran as written (the `readme` fixture):
     every stage computed, once, into the store, and named in what the run printed."""
     if r.first is None:
         pytest.skip(f"{REUSE} is set: the store was copied, not built by this test")
-    assert [argv for _, argv in steps(command)] == [
+    assert [argv for _, argv in steps(command)] == [["apt-get", "install", "-y", "bubblewrap"],
         ["pip", "install", "torch==2.13.0"], ["pip", "install", "-e", "."], ["chatforge", "run", "--preset", "tiny"]]
+    assert shutil.which("bwrap"), "the apt-get step did not give this machine bwrap"
     assert all(stage in r.first.stdout for stage in stages()), r.first.stdout
     assert sorted((stage, hit) for _, stage, hit in ledger(r.store)) == sorted((stage, False) for stage in stages())
 

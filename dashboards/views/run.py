@@ -37,7 +37,7 @@ r = queries.run(ctx.con, run_id)
 st.caption(f"run `{run_id}` · preset {r['preset'] or '—'} · hardware {r['hardware'] or '— (all cached)'} · "
            f"host {r['host'] or '—'}")
 c = st.columns(5)
-c[0].metric("cost", common.usd(r["cost_usd"]), help="computed and failed stages at the price each ledger row recorded")
+c[0].metric("cost", common.usd(r["cost_usd"]), help="computed, failed and interrupted stages at the price each ledger row recorded")
 c[1].metric("saved by the cache", common.usd(r["saved_usd"]), help="what computing its cache hits' artifacts cost")
 c[2].metric("wall clock", common.duration(r["wall_clock_seconds"]), help="first stage start to last stage end")
 c[3].metric("stage time", common.duration(r["stage_seconds"]), help="the sum of the stages' wall times")
@@ -45,6 +45,7 @@ c[4].metric(r["score_name"] if isinstance(r["score_name"], str) else "score",
             "—" if r["score"] != r["score"] or r["score"] is None else f"{r['score']:.4f}",
             help="ChatCORE of the final chat model if the run has one, else CORE of the base model")
 st.caption(f"{r['stage_executions']} stage executions · {r['cache_hits']} cache hits · {r['failures']} failed"
+           + (f" · {r['interrupted']} interrupted" if r.get("interrupted") else "")
            + (f" · {common.score(r['core_name'], r['core'])}" if isinstance(r["core_name"], str) else "")
            + (f" · {common.score(r['chat_name'], r['chat_score'])} ({r['chat_stage']})" if isinstance(r["chat_name"], str) else ""))
 
@@ -68,6 +69,9 @@ st.dataframe(
 for row in stages[stages["result"] == queries.FAILED].itertuples():
     st.error(f"{row.stage} failed after {common.duration(row.wall_seconds)}: {row.error or 'no error recorded'}",
              icon=":material/error:")
+for row in stages[stages["result"] == queries.INTERRUPTED].itertuples():
+    st.warning(f"{row.stage} was interrupted (its process died; no heartbeat since {row.end}): charged for "
+               f"{common.duration(row.wall_seconds)} up to that heartbeat", icon=":material/power_off:")
 
 st.subheader("Curves")
 points = queries.curves(ctx.store, ctx.con, run_id)

@@ -28,7 +28,7 @@ front = queries.frontier(runs)
 scored = runs["score"].notna().sum()
 c = st.columns(4)
 c[0].metric("runs", f"{len(runs):,}", help="after the filters")
-c[1].metric("spent", common.usd(runs["cost_usd"].sum()), help="computed and failed stages, at the price each ledger row recorded")
+c[1].metric("spent", common.usd(runs["cost_usd"].sum()), help="computed, failed and interrupted stages, at the price each ledger row recorded")
 c[2].metric("saved by the cache", common.usd(runs["saved_usd"].sum()), help="what computing the cache hits' artifacts cost")
 c[3].metric("on the Pareto frontier", f"{len(front)} of {scored} scored")
 

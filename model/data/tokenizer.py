@@ -41,6 +41,7 @@ from model.data.compression import report
 from model.config import SPECIAL_TOKENS, TokenizerConfig
 from model.data.dataset import iter_texts, list_shards
 from model.errors import InputError
+from model.preflight import check_tokenizer_vocab
 from model.progress import progress
 
 # GPT-4's pre-split regex with one change taken from nanochat: digit runs become pieces of at most
@@ -131,6 +132,7 @@ def train(cfg: TokenizerConfig, dataset_dir: Path, out_dir: Path, download_dir: 
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     if not list_shards(dataset_dir, "train"):
         raise InputError(f"no train shards in {dataset_dir}: run the data stage first (or point dataset_dir at its output)")
+    check_tokenizer_vocab(cfg, dataset_dir)  # before the trainer sizes its tables by vocab_size
 
     hf = _untrained()
     trainer = trainers.BpeTrainer(

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.nn import checkpoint
+from model import preflight
 from model.train import common, runtime
 from model.evals.bpb import evaluate_bpb
 from model.config import BaseConfig
@@ -71,6 +72,9 @@ def train(spec: dict) -> dict:
     tok = Tokenizer.load(tokenizer_dir)
     token_bytes = load_file(str(tokenizer_dir / "token_bytes.safetensors"))["token_bytes"].long()
     mcfg = GPTConfig.from_base(cfg, tok.vocab_size)
+    preflight.check_training_memory("base", mcfg, cfg.device_batch_size, cfg.max_seq_len, rt.device, procs=rt.world_size,
+                                    batch_field="base.device_batch_size", seq_field="base.max_seq_len",
+                                    model_field=f"base.depth={cfg.depth}")
     model = GPT(mcfg).to(rt.device)
     optimizers = build_optimizers(model, cfg, rt.world_size)
     n_params, fpt = model.num_params(), model.flops_per_token()

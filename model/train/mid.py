@@ -43,6 +43,7 @@ from model.data.chat_loader import Conversations, PackedStream, packed_eval_batc
 from model.errors import InputError
 from model.nn import checkpoint
 from model.progress import progress
+from model import preflight
 from model.train import common, finetune, runtime
 
 SAMPLE_TOKENS = 32
@@ -70,6 +71,9 @@ def train(spec: dict) -> dict:
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
 
+    if (shape := preflight.checkpoint_model(ckpt_dir)) is not None:
+        preflight.check_training_memory("mid", shape, cfg.device_batch_size, shape.sequence_len, rt.device,
+                                        batch_field="mid.device_batch_size", procs=rt.world_size)
     model, tok = common.load_start(ckpt_dir, "mid", rt.device)
     mcfg = model.config.to_dict()
     T = model.config.sequence_len

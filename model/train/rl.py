@@ -61,6 +61,7 @@ from model.chat.engine import Engine
 from model.config import RlConfig
 from model.errors import InputError
 from model.evals.chat_tasks import gsm8k_answer, numbers_equal
+from model import preflight
 from model.nn import checkpoint
 from model.progress import progress
 from model.train import common, runtime
@@ -243,6 +244,9 @@ def train(spec: dict) -> dict:
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
 
+    if (shape := preflight.checkpoint_model(ckpt_dir)) is not None:  # samples' lengths come from sampling: the model state
+        preflight.check_training_memory("rl", shape, cfg.device_batch_size, 0, rt.device,
+                                        batch_field="rl.device_batch_size", procs=rt.world_size)
     model, tok = common.load_start(ckpt_dir, "rl", rt.device)
     seq_len = model.config.sequence_len
     train_problems, long_train = load_problems(data_dir, "train", tok, seq_len)

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from model.config import SftConfig
 from model.data.chat_loader import Conversations, PaddedBatches, padded_eval_batches
 from model.errors import InputError
+from model import preflight
 from model.nn import checkpoint
 from model.progress import progress
 from model.train import common, finetune, runtime
@@ -60,6 +61,9 @@ def train(spec: dict) -> dict:
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
 
+    if (shape := preflight.checkpoint_model(ckpt_dir)) is not None:  # rows' lengths come from the data: the model state
+        preflight.check_training_memory("sft", shape, cfg.device_batch_size, 0, rt.device,
+                                        batch_field="sft.device_batch_size", procs=rt.world_size)
     model, tok = common.load_start(ckpt_dir, "sft", rt.device)
     mcfg = model.config.to_dict()
     max_tokens = model.config.sequence_len + 1

@@ -3,6 +3,7 @@ skipped and listed, the incremental file cache, export, and one-line query error
 import json
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 
 import duckdb
@@ -110,6 +111,68 @@ def test_hardware_names_each_device_type_with_its_most_devices(tmp_path):
     ledger.append(store, _row("r", "data", False, 10.0))
     ledger.append(store, _row("r", "sft", True, 10.0, device="A100", devices=2))  # a hit computes on nothing
     assert catalog.connect(store).execute("select hardware, device_types from runs").fetchone() == ("8×H100 + cpu", ["H100", "cpu"])
+
+
+def _attempt(store, run, stage, started_ago, beat_ago, devices=8, price=3.0):
+    """A `running` row as the runner's heartbeat leaves it: its start and last heartbeat relative to now, the
+    wall, device-hours and dollars up to that heartbeat."""
+    now = datetime.now(timezone.utc)
+    start, beat = now - timedelta(seconds=started_ago), now - timedelta(seconds=beat_ago)
+    row = ledger.LedgerRow(
+        run_id=run, stage=stage, key=stage * 3, cache_hit=False, start=start.isoformat(), end=beat.isoformat(),
+        wall_seconds=started_ago - beat_ago, device_type="H100", devices=devices, nodes=1, price_per_device_hour=price,
+        status="running", preset="d20", last_heartbeat=beat.isoformat())
+    attempt = ledger.Attempt(store, run, stage, row.start)
+    attempt._write(row, final=False)  # one heartbeat, and no thread: the process that wrote it is gone (or paused)
+    return attempt, row
+
+
+def test_a_running_row_whose_heartbeat_stopped_is_interrupted_and_its_dollars_count(tmp_path, monkeypatch):
+    monkeypatch.delenv(ledger.HEARTBEAT_ENV, raising=False)  # 30 s heartbeats: stale after 90 s
+    store = Store(str(tmp_path))
+    ledger.append(store, _row("r", "data", False, 60.0))  # a stage of the same run that ended
+    # killed an hour into training: its last heartbeat is 10 minutes old
+    _attempt(store, "r", "base", started_ago=4200, beat_ago=600)  # 3600 s × 8 × $3/h = $24
+    _attempt(store, "live", "base", started_ago=100, beat_ago=5)  # training now
+    con = catalog.connect(store)
+    got = con.execute("select run_id, status, wall_seconds, round(device_hours, 6), round(cost_usd, 6) from stage_runs "
+                      "where stage = 'base' order by run_id").fetchall()
+    assert got == [("live", "running", 95.0, round(95 * 8 / 3600, 6), round(95 * 8 / 3600 * 3, 6)),
+                   ("r", "interrupted", 3600.0, 8.0, 24.0)]
+    end, start = con.execute("select \"end\", start from stage_runs where run_id = 'r' and stage = 'base'").fetchone()
+    assert (end - start).total_seconds() == pytest.approx(3600, abs=0.01)  # its end is its last heartbeat
+    runs = {r[0]: r[1:] for r in con.execute(
+        "select run_id, round(cost_usd, 6), round(device_hours, 6), stage_executions, failures, interrupted, running, "
+        "hardware, finished is null from runs").fetchall()}
+    # the interrupted attempt is in the run's dollars and device-hours; the live one is shown, not yet counted
+    assert runs["r"] == (24.0, round(8.0 + 60 / 3600, 6), 2, 0, 1, 0, "8×H100 + cpu", False)
+    assert runs["live"] == (0.0, 0.0, 0, 0, 0, 1, "8×H100", True)
+
+
+def test_the_final_row_replaces_the_running_one_in_the_cached_catalog(tmp_path, monkeypatch):
+    monkeypatch.delenv(ledger.HEARTBEAT_ENV, raising=False)
+    store = Store(str(tmp_path / "store"))
+    attempt, row = _attempt(store, "r", "base", started_ago=100, beat_ago=1)
+    cat = catalog.open_catalog(store, tmp_path / "cache.duckdb")
+    assert cat.con.execute("select status, count(*) over () from stage_runs").fetchall() == [("running", 1)]
+    final = ledger.LedgerRow(**{**row.__dict__, "status": "completed", "wall_seconds": 120.0, "last_heartbeat": "",
+                                "end": datetime.now(timezone.utc).isoformat()})
+    assert attempt.finish(final)
+    cat.refresh()  # the same file, rewritten: its row is replaced, not added
+    assert cat.con.execute("select status, wall_seconds, cost_usd from stage_runs").fetchall() == [("completed", 120.0, 120 * 8 / 3600 * 3)]
+    assert cat.con.execute("select cost_usd, running from runs").fetchone() == (120 * 8 / 3600 * 3, 0)
+
+
+def test_a_dead_attempt_shows_interrupted_without_a_refresh(tmp_path, monkeypatch):
+    """Staleness is decided when a query runs: the cached catalog re-reads nothing for a heartbeat that stopped."""
+    monkeypatch.setenv(ledger.HEARTBEAT_ENV, "0.2")  # the writer's interval, as tests shorten it for both sides
+    store = Store(str(tmp_path / "store"))
+    _attempt(store, "r", "base", started_ago=10, beat_ago=0)
+    cat = catalog.open_catalog(store, tmp_path / "cache.duckdb")
+    assert cat.con.execute("select status from stage_runs").fetchone() == ("running",)
+    time.sleep(0.7)  # three intervals and a bit
+    assert cat.con.execute("select status from stage_runs").fetchone() == ("interrupted",)
+    assert cat.con.execute("select interrupted, cost_usd > 0 from runs").fetchone() == (1, True)
 
 
 def test_artifacts_and_evals_tables(tmp_path):

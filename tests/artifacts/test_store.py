@@ -151,7 +151,7 @@ def test_gc_removes_temporary_and_unreferenced(tmp_path):
     (tmp_path / "tmp" / f"{'4' * 64}.dead").mkdir(parents=True)  # a crashed compute's staging
     (tmp_path / "artifacts" / ("5" * 64)).mkdir()  # a directory without a manifest
     planned = store.gc(dry_run=True)
-    assert len(planned) == 3 and store.keys() == sorted([parent, child, orphan])
+    assert len(planned.deleted) == 3 and store.keys() == sorted([parent, child, orphan])
     store.gc()
     assert store.keys() == sorted([parent, child])  # the parent is kept through lineage
     assert not (tmp_path / "tmp" / f"{'4' * 64}.dead").exists()

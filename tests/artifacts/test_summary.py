@@ -154,6 +154,27 @@ def test_run_summary_of_an_until_run_without_checkpoint(tmp_path):
     assert text.rstrip().endswith("goes on to base, base_eval; finished stages come from the store)")
 
 
+def test_run_summary_counts_a_killed_attempt_as_interrupted_with_its_dollars(tmp_path):
+    """base killed -9 after 20 minutes on 8 GPUs (its row stayed `running`; the heartbeat stopped long ago), then
+    a retry in the same run that was killed too: both attempts' time and dollars are the run's."""
+    s = Store(str(tmp_path / "store"))
+    commit(s, "data", "dataset", {"a.parquet": "x"}, {})
+    ledger.append(s, row("data", 0, 0.2, hit=True))
+    for at, wall in ((10, 1200.0), (1300, 600.0)):
+        r = row("base", at, wall, status="running", device="H100", devices=8, price=3.0)
+        r.last_heartbeat = r.end
+        ledger.append(s, r)
+    text = run_summary(s, RUN, until="base")
+    lines = text.splitlines()
+    assert lines[0].startswith(f"── chatforge run {RUN} · 2 stages: 1 cached, 1 interrupted ───")
+    base = next(ln for ln in lines if ln.startswith("  base "))
+    # (1200 + 600) s × 8 devices × $3 per device-hour = $12.00
+    assert re.match(r"^  base\s+interrupted\s+30 m 00 s\s+\$12\.00  8×H100\s+[0-9a-f]{12}  \(2 tries; time and \$ of all\)$", base), base
+    total = next(ln for ln in lines if ln.startswith("  total"))
+    assert "$12.00" in total and "4 device-hours" in total
+    assert "chatforge chat" not in text  # an interrupted attempt made no checkpoint to chat with
+
+
 @pytest.mark.parametrize("stage", ["data", "tokenizer", "core_evalset", "decontam", "base", "base_eval", "chat_eval"])
 def test_describe_every_kind(store, stage):
     text = describe(store, key(stage), hints=lambda: HINTS)

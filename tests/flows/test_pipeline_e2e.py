@@ -16,6 +16,7 @@ import duckdb
 import pytest
 
 from artifacts import catalog
+from artifacts.ledger import HEARTBEAT_ENV
 from artifacts.store import Store
 from helpers import cli_env, closing_summary, sets_for, summary_keys, write_corpus
 
@@ -286,12 +287,16 @@ def test_runs_without_any_prefect_server(reference, corpus, tmp_path):
     assert "Stopping temporary server" in r.stdout and "Stopping temporary server" not in "\n".join(closing_summary(r.stdout))
 
 
-def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env, tmp_path):
-    """kill -9 mid-`base`: the rerun resumes from the stage's last checkpoint, not from step 0."""
+def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env, tmp_path, monkeypatch):
+    """kill -9 mid-`base`: the rerun resumes from the stage's last checkpoint, not from step 0; the killed
+    attempt stays in the ledger, interrupted, and its dollars are in its run's cost."""
     store = fresh(reference, tmp_path)
     core_dir, n_core = eval_dirs(tmp_path)
+    # 1 s heartbeats (this process reads the ledger with the same interval), and a price for CPU time
+    monkeypatch.setenv(HEARTBEAT_ENV, "1")
+    env = {**env, HEARTBEAT_ENV: "1"}
     args = [sys.executable, "-m", "flows.cli", "run", "--store", str(store), *sets_for(corpus),
-            "--set", "base.num_iterations=40", "--set", "base.checkpoint_every=5",
+            "--set", "base.num_iterations=40", "--set", "base.checkpoint_every=5", "--set", "cost.prices.cpu=1.0",
             "--set", f"core_evalset.local_dir={core_dir}", "--set", f"chat_evalset.local_dir={tmp_path / 'chat'}"]
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -307,7 +312,15 @@ def test_base_stage_through_the_flow_resumes_after_kill_9(reference, corpus, env
     assert {"model.safetensors", "model.json", "curve.json", "samples.json"} <= set(m.files)
     assert not any((store / "wip").glob("*/step-*"))  # resume state is dropped once the artifact is committed
     rows = ledger(store, "stage = 'base'")
-    assert [status for _, _, status in rows] == ["completed"] and rows[0][1] is False
+    assert [status for _, _, status in rows] == ["interrupted", "completed"] and rows[1][1] is False
+    con = catalog.connect(Store(str(store)))
+    killed, hours, cost = con.execute(
+        "select run_id, device_hours, cost_usd from stage_runs where stage = 'base' and status = 'interrupted'").fetchone()
+    assert hours > 0 and cost == pytest.approx(hours * 1.0)  # its time up to its last heartbeat, at $1 per CPU-hour
+    run_cost, spent, interrupted = con.execute(
+        "select cost_usd, (select sum(cost_usd) from stage_runs s where s.run_id = r.run_id and not cache_hit), interrupted "
+        "from runs r where run_id = ?", [killed]).fetchone()
+    assert interrupted == 1 and run_cost == pytest.approx(spent) and run_cost >= cost
 
     chat = cli(["chat", "--model", "base/latest", "--store", str(store), "-p", "Doc 1:", "--temperature", "0", "--max-tokens", "8"], env)
     assert chat.returncode == 0, chat.stderr[-2000:]
