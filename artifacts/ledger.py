@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Mapping
 
+from .errors import StoreError
 from .store import Store
 
 # The built-in $ per device-hour. GPU prices follow nanochat's figure of ~$24/h for an 8×H100 node; CPU is
@@ -192,4 +193,13 @@ def record_run(store: Store, run_id: str, info: dict) -> None:
 
 
 def read_run(store: Store, run_id: str) -> dict:
-    return store.read_json(store._p("runs", f"{run_id}.json"))
+    """The run's record; a torn or foreign file is a one-line StoreError naming it (FileNotFoundError if absent)."""
+    path = store._p("runs", f"{run_id}.json")
+    try:
+        info = store.read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise StoreError(f"run file {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                         "`chatforge artifacts gc --quarantine` moves it aside; rerun with --preset/--set instead of --run") from None
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise StoreError(f"run file {path} holds no config: rerun with --preset/--set instead of --run")
+    return info

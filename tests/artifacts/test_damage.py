@@ -201,3 +201,17 @@ def test_store_that_is_a_file_or_a_malformed_url_is_one_line(tmp_path):
 def test_bad_sql_is_one_line_naming_duckdbs_message(store, tmp_path):
     r = cli("artifacts", "query", "--store", store.url, "select from where", home=tmp_path / "home")
     _one_line_error(r, "chatforge: error: query failed: Parser Error: syntax error")
+
+
+def test_a_torn_run_file_is_one_line_for_stage_run(tmp_path):
+    """`chatforge stage NAME --run RUN` on a run whose record was cut short: one line naming the file, exit 1."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "store" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "r1.json").write_text('{"run_id": "r1", "conf')
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "tokenizer", "--run", "r1", "--store", str(tmp_path / "store")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "CHATFORGE_HOME": str(tmp_path)})
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("chatforge: error: run file") and "r1.json is unreadable" in r.stderr and "Traceback" not in r.stderr
