@@ -244,7 +244,7 @@ def check_tokenizer_vocab(cfg, dataset_dir: Path) -> None:
     from model.config import SPECIAL_TOKENS
 
     text = text_bytes_bound(Path(dataset_dir), cfg.max_chars, cfg.doc_cap)
-    if text is None:
+    if not text:  # unreadable, or no text at all: the stage's own error says that better
         return
     base = 256 + len(SPECIAL_TOKENS)
     if cfg.vocab_size > base + text:

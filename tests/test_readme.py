@@ -156,8 +156,8 @@ def base_env(store: Path, api_url: str) -> dict:
     return env
 
 
-SETUP = "pip install torch==2.13.0 && pip install -e . && chatforge run --preset tiny"
-TESTS = "pip install torch==2.13.0 && pip install -e '.[dev]' && python -m pytest -q"
+SETUP = "apt-get install -y bubblewrap && pip install torch==2.13.0 && pip install -e . && chatforge run --preset tiny"
+TESTS = "apt-get install -y bubblewrap && pip install torch==2.13.0 && pip install -e '.[dev]' && python -m pytest -q"
 
 
 REUSE = "CHATFORGE_README_STORE"  # a store a `chatforge run --preset tiny` built: copied, not rebuilt (to iterate on this file)
