@@ -316,9 +316,7 @@ class Store:
         a heartbeat, and expiry `lease_seconds` after the holder stops renewing). `log` gets the lease's news (taken over, lost) from any thread.
         """
         waiting = _Once(on_wait)
-        path = self.local_root / "locks" / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as f:
+        with open(self._lock_path(key), "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -536,12 +534,16 @@ class Store:
         except FileNotFoundError:
             pass  # gone since it was found: nothing to set aside
 
+    def _lock_path(self, key: str):
+        """The file whose flock is `key`'s lock on this machine (created with its directory)."""
+        path = self.local_root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     @contextlib.contextmanager
     def _try_flock(self, key: str) -> Iterator[bool]:
         """Hold `key`'s lock if it is free (True), without waiting; False when a stage holds it."""
-        path = self.local_root / "locks" / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as f:
+        with open(self._lock_path(key), "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
