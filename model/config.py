@@ -39,6 +39,19 @@ def NotInKey(default, description: str, **bounds):
     return Field(default, description=description, json_schema_extra={"key": False}, **bounds)
 
 
+def Engine():
+    """The training engine of base, mid and sft (model/train/engine.py): how the step is computed, not what."""
+    return Field("torch", json_schema_extra={"key": False}, description=(
+        "torch: every process holds all optimizer state, one node. deepspeed: ZeRO (zero_config) across processes "
+        "and nodes; same losses as torch on the same global batch up to float rounding; needs grad_clip=0."))
+
+
+def ZeroConfig():
+    return Field("zero2", min_length=1, max_length=4096, json_schema_extra={"key": False}, description=(
+        "engine=deepspeed only: zero1, zero2 or zero3 (deploy/deepspeed/zeroN.json), or the path of a DeepSpeed "
+        "JSON config with a zero_optimization section (chatforge sets optimizer, batch, clipping and precision)."))
+
+
 def TimeoutMinutes():
     """A stage's wall-clock limit (tasks/launch.py): how long to wait, not what is made, so not in the key."""
     return Field(None, gt=0, le=MAX_MINUTES, json_schema_extra={"key": False}, description=(
@@ -216,6 +229,8 @@ class BaseConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "Where to train: auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
     compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
+    engine: Literal["torch", "deepspeed"] = Engine()
+    zero_config: str = ZeroConfig()
     loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.", ge=1, le=MAX_PROCS)
 
 
@@ -318,6 +333,8 @@ class MidConfig(FinetuneOptim):
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
     compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
+    engine: Literal["torch", "deepspeed"] = Engine()
+    zero_config: str = ZeroConfig()
 
 
 class SftConfig(FinetuneOptim):
@@ -339,6 +356,8 @@ class SftConfig(FinetuneOptim):
     nproc: int = NotInKey(1, "Processes on this node (torchrun when > 1).", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
+    engine: Literal["torch", "deepspeed"] = Engine()
+    zero_config: str = ZeroConfig()
 
 
 class RlConfig(FinetuneOptim):

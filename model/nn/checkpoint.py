@@ -24,9 +24,10 @@ OPTIM = "optim.pt"
 PREFIX = "step-"
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """fp32 CPU copy of the state dict (contiguous, so safetensors takes it)."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+def save_weights(model: torch.nn.Module | dict, path: Path) -> None:
+    """fp32 CPU copy of the state dict, or of a name → tensor dict (contiguous, so safetensors takes it)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     save_file(tensors, str(path))
 
 

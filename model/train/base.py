@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 
 from model.nn import checkpoint
 from model import preflight
-from model.train import common, runtime
+from model.train import common, engine, runtime
 from model.evals.bpb import evaluate_bpb
 from model.config import BaseConfig
 from model.errors import InputError
 from model.progress import progress
 from model.nn.gpt import GPT, GPTConfig
 from model.data.loader import TokenLoader, iter_eval_batches
-from model.nn.optim import apply_schedules, build_optimizers, lr_multiplier
+from model.nn.optim import build_optimizers, lr_multiplier, muon_momentum
 from model.data.tokenizer import Tokenizer
 
 PROMPTS = [
@@ -65,6 +65,10 @@ def train(spec: dict) -> dict:
     cfg = runtime.parse_config(BaseConfig, spec["config"], "base")
     dataset_dir, tokenizer_dir = Path(spec["dataset_dir"]), Path(spec["tokenizer_dir"])
     out_dir, wip = Path(spec["out_dir"]), Path(spec["wip_dir"])
+    if cfg.engine == "deepspeed":  # the ZeRO file and the clip, before any process group or model exists
+        from model.train import zero
+
+        zero.check(cfg, "base")
     rt = runtime.init(cfg.device)
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
@@ -82,6 +86,8 @@ def train(spec: dict) -> dict:
     n_streams = streams(cfg, rt.world_size)
     mine = list(range(rt.rank, n_streams, rt.world_size))
     accum = len(mine)
+    compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
+    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "base", compiled)
 
     loop = {"curve": {"step": [], "train_loss": [], "lr_mult": []}, "evals": [], "samples": [], "ema": 0.0, "train_seconds": 0.0, "resumed_from": []}
     start_step, loader_states = 0, {}
@@ -90,7 +96,7 @@ def train(spec: dict) -> dict:
         if made_for != mcfg.to_dict():
             diff = ", ".join(f"{k} {made_for.get(k)} vs {v}" for k, v in mcfg.to_dict().items() if made_for.get(k) != v)
             raise InputError(f"checkpoint {ckpt} was made for another model ({diff}; tokenizer or config changed): delete {wip} to start over")
-        saved = checkpoint.load(ckpt, model, optimizers)
+        saved = trainer.load(ckpt)
         start_step, loader_states, loop = saved["step"], saved["loaders"], saved["loop"]
         loop["resumed_from"].append(start_step)
         if rt.main:
@@ -101,7 +107,7 @@ def train(spec: dict) -> dict:
                        state=loader_states.get(str(s)), threads=cfg.loader_threads, device=str(rt.device))
         for s in mine
     }
-    fwd = torch.compile(model) if (cfg.compile if cfg.compile is not None else rt.device.type == "cuda") else model
+    fwd = trainer.forward
 
     def save(step: int) -> None:
         states = {str(s): ld.state_dict() for s, ld in loaders.items()}
@@ -109,9 +115,7 @@ def train(spec: dict) -> dict:
             gathered = [None] * rt.world_size
             torch.distributed.all_gather_object(gathered, states)
             states = {k: v for part in gathered for k, v in part.items()}
-        if rt.main:
-            checkpoint.save(wip, step, model, optimizers, {"model": mcfg.to_dict(), "loaders": states, "loop": loop})
-        rt.barrier()
+        trainer.save(wip, step, {"model": mcfg.to_dict(), "loaders": states, "loop": loop})
 
     def val_bpb() -> float:
         batches = iter_eval_batches(dataset_dir, tok, cfg.device_batch_size, cfg.max_seq_len,
@@ -126,27 +130,32 @@ def train(spec: dict) -> dict:
     while True:
         last = step == steps
         if step % cfg.eval_every == 0 or last:
-            bpb = val_bpb()
+            with trainer.full_params():
+                bpb = val_bpb()
             if not any(e["step"] == step for e in loop["evals"]):
                 loop["evals"].append({"step": step, "val_bpb": bpb})
             bar.set_postfix(val_bpb=f"{bpb:.4f}", refresh=False)
             if rt.main:
                 print(f"base: step {step}/{steps} val bpb {bpb:.4f}", file=sys.stderr, flush=True)
-        if rt.main and (step % cfg.sample_every == 0 or last) and step > 0 and not any(s["step"] == step for s in loop["samples"]):
-            loop["samples"].append({"step": step, "samples": samples(model, tok, cfg.sample_tokens)})
+        if (step % cfg.sample_every == 0 or last) and step > 0 and not any(s["step"] == step for s in loop["samples"]):
+            if rt.main or trainer.lockstep:  # under ZeRO-3 every rank runs the same forwards
+                with trainer.full_params():
+                    made = samples(model, tok, cfg.sample_tokens)
+                if rt.main:
+                    loop["samples"].append({"step": step, "samples": made})
         if last:
             break
 
         t0 = time.perf_counter()
-        apply_schedules(optimizers, step, steps, cfg)
+        trainer.schedule(lr_multiplier(step, steps, cfg), muon_momentum(step, cfg))
         loss_sum = torch.zeros((), device=rt.device)
         for s in mine:
             x, y = loaders[s].next_batch()
             with rt.autocast():
                 loss = fwd(x, y)
-            (loss / accum).backward()
+            trainer.backward(loss)
             loss_sum += loss.detach()
-        common.optimizer_step(model, optimizers, cfg.grad_clip, rt)
+        trainer.step()
         train_loss = rt.all_reduce_sum(loss_sum).item() / n_streams
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
@@ -182,10 +191,12 @@ def train(spec: dict) -> dict:
         "tokens_per_s": tps, "step_seconds": timed_seconds / timed_steps if timed_steps else None,
         "mfu": (fpt * tps / (peak * rt.world_size)) if (peak and tps) else None,
         "train_seconds": loop["train_seconds"], "resumed_from": loop["resumed_from"],
-        "device": rt.device_name(), "device_type": rt.device_type(), "compiled": fwd is not model,
+        "device": rt.device_name(), "device_type": rt.device_type(), "compiled": trainer.compiled,
+        **trainer.state_extra(),
     }
+    weights = trainer.weights()
     if rt.main:
-        common.commit(out_dir, model, mcfg.to_dict(), "base", steps, tokenizer_dir,
+        common.commit(out_dir, weights, mcfg.to_dict(), "base", steps, tokenizer_dir,
                       {"curve.json": {"train": loop["curve"], "val": loop["evals"]}, "samples.json": loop["samples"]})
     runtime.shutdown(rt)
     return metrics

@@ -19,7 +19,7 @@ from model.config import FinetuneOptim
 from model.errors import InputError
 from model.nn import checkpoint
 from model.nn.load import load_model
-from model.nn.optim import build_optimizers, muon_momentum
+from model.nn.optim import build_optimizers
 
 # The stage whose checkpoint each training stage starts from (nanochat's order).
 PARENT = {"mid": "base", "sft": "mid", "rl": "sft"}
@@ -56,9 +56,8 @@ def build(model, cfg: FinetuneOptim, world_size: int = 1) -> list[torch.optim.Op
     return optimizers
 
 
-def schedule(optimizers, lr_mult: float, step: int, cfg: FinetuneOptim) -> None:
-    """lr = initial_lr × lr_mult for every group; Muon's momentum from its warmup."""
-    momentum = muon_momentum(step, cfg)
+def schedule(optimizers, lr_mult: float, momentum: float) -> None:
+    """lr = initial_lr × lr_mult for every group; `momentum` for every Muon group."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
@@ -66,15 +65,16 @@ def schedule(optimizers, lr_mult: float, step: int, cfg: FinetuneOptim) -> None:
                 group["momentum"] = momentum
 
 
-def resume(wip: Path, model, optimizers, model_config: dict, stage: str) -> dict | None:
-    """Restore the newest work-in-progress checkpoint (weights, optimizers, RNG); its JSON state, or None."""
+def resume(wip: Path, trainer, model_config: dict, stage: str) -> dict | None:
+    """Restore the newest work-in-progress checkpoint into `trainer` (model/train/engine.py: weights, optimizers,
+    RNG); its JSON state, or None."""
     ckpt = checkpoint.latest(wip)
     if ckpt is None:
         return None
     made_for = checkpoint.read_state(ckpt).get("model")
     if made_for != model_config:
         raise InputError(f"checkpoint {ckpt} was made for another model: delete {wip} to start {stage} over")
-    state = checkpoint.load(ckpt, model, optimizers)
+    state = trainer.load(ckpt)
     state["checkpoint"] = ckpt.name
     return state
 
@@ -100,11 +100,11 @@ def optimizer_step(model, optimizers, grad_clip: float, rt) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def commit(out_dir: Path, model, model_config: dict, stage: str, step: int, tokenizer_dir: Path,
+def commit(out_dir: Path, weights, model_config: dict, stage: str, step: int, tokenizer_dir: Path,
            files: dict[str, object] | None = None) -> None:
-    """The checkpoint artifact: weights, model.json (config, step, stage), the tokenizer, and JSON `files`."""
+    """The checkpoint artifact: weights (a module or a name → tensor dict), model.json (config, step, stage), the tokenizer, and JSON `files`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_weights(model, out_dir / checkpoint.WEIGHTS)
+    checkpoint.save_weights(weights, out_dir / checkpoint.WEIGHTS)
     (out_dir / "model.json").write_text(json.dumps({"model": model_config, "step": step, "stage": stage}, indent=1, sort_keys=True))
     # the tokenizer travels with the weights: a pulled checkpoint is all a chat needs
     shutil.copytree(tokenizer_dir, out_dir / "tokenizer", ignore=shutil.ignore_patterns("manifest.json", "compression.md"))

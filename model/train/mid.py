@@ -41,10 +41,10 @@ from safetensors.torch import load_file
 from model.config import MidConfig
 from model.data.chat_loader import Conversations, PackedStream, packed_eval_batches
 from model.errors import InputError
-from model.nn import checkpoint
+from model.nn.optim import muon_momentum
 from model.progress import progress
 from model import preflight
-from model.train import common, finetune, runtime
+from model.train import common, engine, finetune, runtime
 
 SAMPLE_TOKENS = 32
 
@@ -67,6 +67,10 @@ def train(spec: dict) -> dict:
     if len(train_set) == 0:
         raise InputError(f"the train split of {data_dir} has no conversations: mid-training needs some; "
                          "rebuild the mid_data artifact with train entries")
+    if cfg.engine == "deepspeed":  # the ZeRO file and the clip, before any process group or model exists
+        from model.train import zero
+
+        zero.check(cfg, "mid")
     rt = runtime.init(cfg.device)
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
@@ -84,10 +88,12 @@ def train(spec: dict) -> dict:
     mine = list(range(rt.rank, n_streams, rt.world_size))
     accum = len(mine)
     optimizers = common.build(model, cfg, rt.world_size)
+    compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
+    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "mid", compiled)
 
     loop = {"curve": {"step": [], "train_loss": [], "lr_mult": []}, "evals": [], "train_seconds": 0.0, "resumed_from": []}
     start_step, loader_states = 0, {}
-    if (saved := common.resume(wip, model, optimizers, mcfg, "mid")) is not None:
+    if (saved := common.resume(wip, trainer, mcfg, "mid")) is not None:
         start_step, loader_states, loop = saved["step"], saved["loaders"], saved["loop"]
         loop["resumed_from"].append(start_step)
     loaders = {s: PackedStream(train_set, tok, s, n_streams, cfg.device_batch_size, T, cfg.mask_loss,
@@ -96,14 +102,11 @@ def train(spec: dict) -> dict:
     steps = cfg.num_iterations or max(1, epoch_tokens // cfg.total_batch_size)
     if rt.main and saved is not None:
         print(f"mid: resuming from {saved['checkpoint']} (step {start_step} of {steps})", file=sys.stderr, flush=True)
-    compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
-    fwd = torch.compile(model) if compiled else model
+    fwd = trainer.forward
 
     def save(step: int) -> None:
         states = finetune.gather_states(rt, {str(s): ld.state_dict() for s, ld in loaders.items()})
-        if rt.main:
-            checkpoint.save(wip, step, model, optimizers, {"model": mcfg, "loaders": states, "loop": loop})
-        rt.barrier()
+        trainer.save(wip, step, {"model": mcfg, "loaders": states, "loop": loop})
 
     # the val rows, rendered once (on the CPU; a batch moves to the device when it is evaluated)
     val_rows = list(packed_eval_batches(val_set, tok, cfg.device_batch_size, T, cfg.eval_tokens // rt.world_size,
@@ -119,7 +122,8 @@ def train(spec: dict) -> dict:
     while True:
         last = step == steps
         if (step % cfg.eval_every == 0 or last) and len(val_set) and not any(e["step"] == step for e in loop["evals"]):
-            ev = validate()
+            with trainer.full_params():
+                ev = validate()
             loop["evals"].append({"step": step, "val_loss": ev["loss"], "val_bpb": ev["bpb"]})
             if rt.main:
                 print(f"mid: step {step}/{steps} val loss {_fmt(ev['loss'])} bpb {_fmt(ev['bpb'])}", file=sys.stderr, flush=True)
@@ -128,15 +132,15 @@ def train(spec: dict) -> dict:
 
         t0 = time.perf_counter()
         mult = lr_multiplier(step, steps, cfg.warmdown_ratio)
-        common.schedule(optimizers, mult, step, cfg)
+        trainer.schedule(mult, muon_momentum(step, cfg))
         loss_sum = torch.zeros((), device=rt.device)
         for s in mine:
             x, y = loaders[s].next_batch()
             with rt.autocast():
                 loss = finetune.mean_loss(fwd, x, y)
-            (loss / accum).backward()
+            trainer.backward(loss)
             loss_sum += loss.detach()
-        common.optimizer_step(model, optimizers, cfg.grad_clip, rt)
+        trainer.step()
         train_loss = rt.all_reduce_sum(loss_sum).item() / n_streams
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
@@ -178,9 +182,12 @@ def train(spec: dict) -> dict:
         "train_seconds": loop["train_seconds"], "resumed_from": loop["resumed_from"],
         "device": rt.device_name(), "device_type": rt.device_type(), "compiled": compiled,
     }
+    if rt.main or trainer.lockstep:  # under ZeRO-3 every rank runs the same forwards
+        with trainer.full_params():
+            samples = finetune.chat_samples(model, tok, SAMPLE_TOKENS)
+    weights = trainer.weights()
     if rt.main:
-        samples = finetune.chat_samples(model, tok, SAMPLE_TOKENS)
-        common.commit(out_dir, model, mcfg, "mid", steps, ckpt_dir / "tokenizer",
+        common.commit(out_dir, weights, mcfg, "mid", steps, ckpt_dir / "tokenizer",
                       {"curve.json": {"train": loop["curve"], "val": loop["evals"]}, "samples.json": samples})
     runtime.shutdown(rt)
     return metrics

@@ -64,7 +64,9 @@ from model.evals.chat_tasks import gsm8k_answer, numbers_equal
 from model import preflight
 from model.nn import checkpoint
 from model.progress import progress
+from model.nn.optim import muon_momentum
 from model.train import common, runtime
+from model.train.engine import TorchTrainer
 
 ALGORITHM = "REINFORCE with a group-mean baseline, on-policy, no KL"
 SAMPLES_PER_RECORD = 4  # rollouts kept in samples.json per recorded step
@@ -270,7 +272,8 @@ def train(spec: dict) -> dict:
             "eval": [], "samples": [], "train_seconds": 0.0, "sample_seconds": 0.0, "sequences": 0, "tokens_sampled": 0,
             "resumed_from": []}
     start_step = 0
-    if (state := common.resume(wip, model, optimizers, model_config, "rl")) is not None:
+    # RL has the torch engine only: its steps are a few hundred problems, far from where ZeRO pays
+    if (state := common.resume(wip, TorchTrainer(model, optimizers, cfg.grad_clip, rt, 1, False), model_config, "rl")) is not None:
         start_step, loop = state["step"], state["loop"]
         loop["resumed_from"].append(start_step)
         if rt.main:
@@ -310,7 +313,7 @@ def train(spec: dict) -> dict:
         t0 = time.perf_counter()
         sample_t0 = sampler.seconds
         lr_mult = 1.0 - step / steps
-        common.schedule(optimizers, lr_mult, step, cfg)
+        common.schedule(optimizers, lr_mult, muon_momentum(step, cfg))
         positions = step_positions(step, cfg.examples_per_step, len(train_problems), cfg.seed)
         reward_sum, n_seqs, n_tokens, length_sum, loss_sum = 0.0, 0, 0, 0, 0.0
         record = rt.main and (step % cfg.eval_every == 0 or step == steps - 1)

@@ -36,9 +36,9 @@ from model.config import SftConfig
 from model.data.chat_loader import Conversations, PaddedBatches, padded_eval_batches
 from model.errors import InputError
 from model import preflight
-from model.nn import checkpoint
+from model.nn.optim import muon_momentum
 from model.progress import progress
-from model.train import common, finetune, runtime
+from model.train import common, engine, finetune, runtime
 
 SAMPLE_TOKENS = 32
 
@@ -57,6 +57,10 @@ def train(spec: dict) -> dict:
     if len(train_set) == 0:
         raise InputError(f"the train split of {data_dir} has no conversations: SFT needs some; "
                          "rebuild the sft_data artifact with train entries")
+    if cfg.engine == "deepspeed":  # the ZeRO file and the clip, before any process group or model exists
+        from model.train import zero
+
+        zero.check(cfg, "sft")
     rt = runtime.init(cfg.device)
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
@@ -73,12 +77,13 @@ def train(spec: dict) -> dict:
     mine = list(range(rt.rank, n_streams, rt.world_size))
     accum = len(mine)
     optimizers = common.build(model, cfg, rt.world_size)
+    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "sft")
     steps = horizon(cfg, len(train_set))
 
     loop = {"curve": {"step": [], "train_loss": [], "lr_mult": [], "tokens": []}, "evals": [], "train_seconds": 0.0,
             "tokens": 0, "resumed_from": []}
     start_step, loader_states = 0, {}
-    if (saved := common.resume(wip, model, optimizers, mcfg, "sft")) is not None:
+    if (saved := common.resume(wip, trainer, mcfg, "sft")) is not None:
         start_step, loader_states, loop = saved["step"], saved["loaders"], saved["loop"]
         loop["resumed_from"].append(start_step)
         if rt.main:
@@ -88,14 +93,12 @@ def train(spec: dict) -> dict:
 
     def save(step: int) -> None:
         states = finetune.gather_states(rt, {str(s): ld.state_dict() for s, ld in loaders.items()})
-        if rt.main:
-            checkpoint.save(wip, step, model, optimizers, {"model": mcfg, "loaders": states, "loop": loop})
-        rt.barrier()
+        trainer.save(wip, step, {"model": mcfg, "loaders": states, "loop": loop})
 
     def validate() -> dict:
         batches = padded_eval_batches(val_set, tok, cfg.device_batch_size, max_tokens, cfg.eval_examples,
                                       rt.rank, rt.world_size, rt.device)
-        return finetune.evaluate(model, batches, token_bytes, rt)
+        return finetune.evaluate(trainer.forward, batches, token_bytes, rt)
 
     bar = progress(total=steps, initial=start_step, desc="sft", unit="step", disable=not rt.main)
     timed_steps, timed_seconds, timed_tokens = 0, 0.0, 0
@@ -103,7 +106,8 @@ def train(spec: dict) -> dict:
     while True:
         last = step == steps
         if (step % cfg.eval_every == 0 or last) and len(val_set) and not any(e["step"] == step for e in loop["evals"]):
-            ev = validate()
+            with trainer.full_params():
+                ev = validate()
             loop["evals"].append({"step": step, "val_loss": ev["loss"], "val_bpb": ev["bpb"]})
             if rt.main:
                 loss = "n/a" if ev["loss"] is None else f"{ev['loss']:.4f}"
@@ -113,17 +117,17 @@ def train(spec: dict) -> dict:
 
         t0 = time.perf_counter()
         mult = 1.0 - step / steps
-        common.schedule(optimizers, mult, step, cfg)
+        trainer.schedule(mult, muon_momentum(step, cfg))
         loss_sum = torch.zeros((), device=rt.device)
         tokens = 0
         for s in mine:
             x, y, n = loaders[s].next_batch()
             with rt.autocast():
-                loss = finetune.mean_loss(model, x, y)
-            (loss / accum).backward()
+                loss = finetune.mean_loss(trainer.forward, x, y)
+            trainer.backward(loss)
             loss_sum += loss.detach()
             tokens += n
-        common.optimizer_step(model, optimizers, cfg.grad_clip, rt)
+        trainer.step()
         loss_sum, tokens = rt.sum_across_ranks([loss_sum.item(), float(tokens)])
         train_loss, tokens = loss_sum / n_streams, int(tokens)
         if rt.device.type == "cuda":
@@ -163,9 +167,12 @@ def train(spec: dict) -> dict:
         "train_seconds": loop["train_seconds"], "resumed_from": loop["resumed_from"],
         "device": rt.device_name(), "device_type": rt.device_type(),
     }
+    if rt.main or trainer.lockstep:  # under ZeRO-3 every rank runs the same forwards
+        with trainer.full_params():
+            samples = finetune.chat_samples(model, tok, SAMPLE_TOKENS)
+    weights = trainer.weights()
     if rt.main:
-        samples = finetune.chat_samples(model, tok, SAMPLE_TOKENS)
-        common.commit(out_dir, model, mcfg, "sft", steps, ckpt_dir / "tokenizer",
+        common.commit(out_dir, weights, mcfg, "sft", steps, ckpt_dir / "tokenizer",
                       {"curve.json": {"train": loop["curve"], "val": loop["evals"]}, "samples.json": samples})
     runtime.shutdown(rt)
     return metrics
