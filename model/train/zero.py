@@ -25,7 +25,7 @@ What DeepSpeed does, read from its source (0.19), and how this engine keeps the 
 - **Checkpoints.** DeepSpeed's `save_checkpoint` (one file of optimizer partitions per rank) into a shared
   temporary directory that rank 0 renames to `step-N`, beside `state.json` (step, loaders, curves, world size,
   ZeRO stage) and rank 0's RNG state. They are read back with `torch.load(weights_only=True)` and an allowlist
-  of DeepSpeed's two plain classes (its own loader unpickles everything). A resume on another number of
+  of DeepSpeed's plain data classes (its own loader unpickles everything). A resume on another number of
   processes or another ZeRO stage is refused with the supported path named: ZeRO partitions are per rank.
 - **The committed artifact** is the consolidated fp32 weights (`safe_get_full_fp32_param`, gathered on every
   rank), the same safetensors file the torch engine commits.
@@ -34,8 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import pickle
 import socket
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,15 +115,16 @@ def _join(rt) -> None:
 
 @contextlib.contextmanager
 def _safe_loads():
-    """DeepSpeed's checkpoint reads through torch.load(weights_only=True), allowing only its two plain classes."""
+    """DeepSpeed's checkpoint reads through torch.load(weights_only=True), allowing only its plain data classes."""
     from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as tce
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     original = tce.TorchCheckpointEngine.load
 
     def load(self, path, map_location=None):
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
             return torch.load(path, map_location=map_location, weights_only=True)
 
     tce.TorchCheckpointEngine.load = load
@@ -136,8 +141,11 @@ class DeepSpeedTrainer:
         conf = check(cfg, stage)
         if rt.device.type == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed's first import picks CUDA on a GPU machine
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")  # DeepSpeed's call, not ours
         import deepspeed
+        from deepspeed.utils import logger
 
+        logger.setLevel(logging.WARNING)
         if not compile_model:
             torch._dynamo.config.disable = True
         self.model, self.rt, self.stage, self.compiled = model, rt, stage, compile_model
@@ -173,6 +181,9 @@ class DeepSpeedTrainer:
             self.ds.compile()
         self.forward = self.ds
         self.ns_method = params["ns_method"]
+        if rt.main:
+            print(f"{stage}: engine deepspeed, ZeRO-{self.zero_stage} ({cfg.zero_config}) on {rt.world_size} process(es), "
+                  f"Muon Newton–Schulz '{self.ns_method}', gradient accumulation {accum}", file=sys.stderr, flush=True)
 
     def groups(self) -> list[dict]:
         return list(self.ds.optimizer.param_groups)
@@ -228,7 +239,7 @@ class DeepSpeedTrainer:
             with _safe_loads():
                 path, _ = self.ds.load_checkpoint(str(ckpt), tag=TAG, load_lr_scheduler_states=False)
             rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)["rng"]
-        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as e:
+        except (OSError, RuntimeError, ValueError, KeyError, AssertionError, pickle.UnpicklingError) as e:
             raise InputError(f"checkpoint {ckpt} is corrupt or unreadable ({type(e).__name__}): delete it to resume from "
                              "an older one or start over") from None
         if path is None:
