@@ -46,6 +46,15 @@ def Engine():
         "and nodes; same losses as torch on the same global batch up to float rounding; needs grad_clip=0."))
 
 
+def check_engine(section: str, cfg) -> None:
+    """The deepspeed engine cannot clip as the recipe does (model/train/zero.py): refuse the combination early."""
+    if cfg.engine == "deepspeed" and cfg.grad_clip > 0:
+        raise ValueError(
+            f"{section}.grad_clip={cfg.grad_clip} with {section}.engine=deepspeed: DeepSpeed's Muon clips the "
+            f"orthogonalized update, not the gradient, which would shrink every step: set {section}.grad_clip=0 (the "
+            "recipe's Muon and AdamW hardly notice the gradient's scale) or use engine=torch")
+
+
 def ZeroConfig():
     return Field("zero2", min_length=1, max_length=4096, json_schema_extra={"key": False}, description=(
         "engine=deepspeed only: zero1, zero2 or zero3 (deploy/deepspeed/zeroN.json), or the path of a DeepSpeed "
@@ -233,6 +242,11 @@ class BaseConfig(Section):
     zero_config: str = ZeroConfig()
     loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.", ge=1, le=MAX_PROCS)
 
+    @model_validator(mode="after")
+    def _engine(self):
+        check_engine("base", self)
+        return self
+
 
 # ---------------------------------------------------------------- conversation data (mixtures)
 
@@ -336,6 +350,11 @@ class MidConfig(FinetuneOptim):
     engine: Literal["torch", "deepspeed"] = Engine()
     zero_config: str = ZeroConfig()
 
+    @model_validator(mode="after")
+    def _engine(self):
+        check_engine("mid", self)
+        return self
+
 
 class SftConfig(FinetuneOptim):
     """`sft` stage: one conversation per row, padded to the batch's longest, loss only on assistant tokens."""
@@ -358,6 +377,11 @@ class SftConfig(FinetuneOptim):
     timeout_minutes: float | None = TimeoutMinutes()
     engine: Literal["torch", "deepspeed"] = Engine()
     zero_config: str = ZeroConfig()
+
+    @model_validator(mode="after")
+    def _engine(self):
+        check_engine("sft", self)
+        return self
 
 
 class RlConfig(FinetuneOptim):

@@ -96,8 +96,10 @@ def parse_config(cls, raw: dict, section: str):
         return cls.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise InputError(f"bad value for {section}.{where}: {err['msg']} (got {err.get('input')!r})") from None
+        where = ".".join([section, *(str(p) for p in err["loc"])])
+        if err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a rule across fields names them itself
+            raise InputError(f"bad config: {err['msg'].removeprefix('Value error, ')}") from None
+        raise InputError(f"bad value for {where}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def main(stage: str, module: str, run: Callable[[dict], dict], argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ What DeepSpeed does, read from its source (0.19), and how this engine keeps the 
 - **Clipping.** ZeRO applies Muon while it reduces the gradients, so DeepSpeed's `gradient_clipping` clips the
   norm of the orthogonalized *update* (with the AdamW gradients), not the raw gradient as the recipe does.
   That norm is about sqrt(Σ min(rows, cols)) over the matrices (≈ 300 at d20), so a clip of 1.0 would shrink
-  every step ~300×. The engine therefore refuses `grad_clip` > 0; accumulation and averaging are DeepSpeed's.
+  every step ~300×. The config therefore refuses `grad_clip` > 0 with this engine; accumulation and averaging are DeepSpeed's.
 - **Compilation.** DeepSpeed `torch.compile`s its Muon kernels. With `compile` off (the CPU default) the
   process runs them eagerly (`torch._dynamo` disabled), as nothing else is compiled either.
 - **Checkpoints.** DeepSpeed's `save_checkpoint` (one file of optimizer partitions per rank) into a shared
@@ -81,12 +81,8 @@ def load_config(ref: str, stage: str) -> dict:
 
 
 def check(cfg, stage: str) -> dict:
-    """What can be refused before any process group or model exists: the ZeRO file and the clip."""
-    if cfg.grad_clip > 0:
-        raise InputError(
-            f"{stage}.grad_clip={cfg.grad_clip} with {stage}.engine=deepspeed: DeepSpeed's Muon clips the orthogonalized "
-            f"update, not the gradient, which would shrink every step: set {stage}.grad_clip=0 (the recipe's Muon and "
-            "AdamW are insensitive to the gradient's scale) or use engine=torch")
+    """What can be refused before any process group or model exists: the ZeRO file (the clip is refused by the
+    config itself, model/config.py check_engine)."""
     return load_config(cfg.zero_config, stage)
 
 

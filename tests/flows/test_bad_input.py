@@ -66,6 +66,7 @@ CONFIG_CASES = [
     ("base.depth=100000", "bad value for base.depth: Input should be less than or equal to 256 (got 100000)"),
     ("base.max_seq_len=100000000", "bad value for base.max_seq_len: Input should be less than or equal to 1048576"),
     ("base.total_batch_size=1000", "base.total_batch_size=1000 is not a multiple of base.device_batch_size × base.max_seq_len"),
+    ("base.engine=deepspeed", "bad value for base: base.grad_clip=1.0 with base.engine=deepspeed: DeepSpeed's Muon clips"),
 ]
 
 
