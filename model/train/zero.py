@@ -197,8 +197,9 @@ class DeepSpeedTrainer:
         self.ds.step()  # a no-op until the last micro-batch of the step
 
     def step(self) -> None:
-        if not self.ds.is_gradient_accumulation_boundary() and self.ds.micro_steps % self.ds.gradient_accumulation_steps():
-            raise RuntimeError("deepspeed engine: a step ended between accumulation boundaries")
+        """The step itself ran in the last micro-batch's backward (DeepSpeed steps at its accumulation boundary)."""
+        if self.ds.micro_steps % self.ds.gradient_accumulation_steps():
+            raise RuntimeError(f"deepspeed engine: {self.ds.micro_steps} micro-batches is not a whole number of steps")
 
     def full_params(self):
         """Under ZeRO-3 the full weights on every rank (evaluation and samples); a no-op otherwise."""
