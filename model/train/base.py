@@ -172,7 +172,7 @@ def train(spec: dict) -> dict:
         tps = tokens_per_step / dt
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{loop['curve']['lr_mult'][-1]:.2f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
-        if stop.requested or step % cfg.checkpoint_every == 0:
+        if stop.agreed(rt) or step % cfg.checkpoint_every == 0:
             save(step)
             if stop.requested:
                 bar.close()

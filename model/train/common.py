@@ -121,3 +121,13 @@ class StopRequest:
 
     def _handler(self, *_):
         self.requested = True
+
+    def agreed(self, rt) -> bool:
+        """Whether any rank got SIGTERM, the same answer on every rank: the signal can reach the ranks on either side
+        of a step boundary, and a checkpoint is a collective that all of them must enter at the same step."""
+        if not rt.distributed:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=rt.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested

@@ -154,7 +154,7 @@ def train(spec: dict) -> dict:
         loop["curve"]["lr_mult"].append(mult)
         bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{mult:.2f}", tok_s=f"{cfg.total_batch_size / dt:,.0f}", refresh=False)
         bar.update(1)
-        if stop.requested or step % cfg.checkpoint_every == 0:
+        if stop.agreed(rt) or step % cfg.checkpoint_every == 0:
             save(step)
             if stop.requested:
                 bar.close()

@@ -370,7 +370,7 @@ def train(spec: dict) -> dict:
             postfix["pass@1"] = f"{loop['eval'][-1]['pass@1']:.3f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
-        if stop.requested or step % cfg.checkpoint_every == 0:
+        if stop.agreed(rt) or step % cfg.checkpoint_every == 0:
             save(step)
             if stop.requested:
                 bar.close()

@@ -144,6 +144,32 @@ def test_kill_9_and_resume_equals_uninterrupted_and_another_count_is_refused(ref
     assert "Traceback" not in r.stderr
 
 
+def test_sigterm_checkpoints_on_every_rank_at_the_same_step_and_resumes(inputs, tmp_path):  # noqa: F811
+    cfg = deepspeed(tb.small(num_iterations=400, eval_every=1000, sample_every=1000, grad_clip=0.0), 2)
+    spec = tb.spec_file(tmp_path, inputs, cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "model.train.base", str(spec)]
+    proc = subprocess.Popen(cmd, env=tb.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "val bpb" not in seen:  # training has started: the handlers are installed
+        line = proc.stderr.readline()
+        assert line, f"exited early: {seen[-2000:]}"
+        seen += line
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to its workers
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    ckpt = sorted((spec.parent / "wip").glob("step-*"))[-1]
+    step = int(ckpt.name.split("-")[1])
+    assert 0 < step < 400 and f"SIGTERM: checkpoint at step {step}" in err, err[-2000:]
+    assert len(list((ckpt / "deepspeed").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    raw = json.loads(spec.read_text())
+    raw["config"]["num_iterations"] = step + 2
+    spec.write_text(json.dumps(raw))
+    r = tb.run_entry(spec, nproc=2)
+    assert r.returncode == 0 and f"resuming from {ckpt.name}" in r.stderr, r.stderr[-3000:]
+    assert tb.curve(spec)["train"]["step"] == list(range(1, step + 3))
+
+
 def test_two_nodes_on_loopback_match_one_node(reference, inputs, tmp_path):  # noqa: F811
     """The no-ssh multi-node form: one launcher per node, each with its node rank and the same fixed master."""
     spec = tb.spec_file(tmp_path, inputs, deepspeed(config(), 2, nproc=1), "nodes")
