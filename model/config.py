@@ -210,8 +210,9 @@ class BaseConfig(Section):
     target_param_data_ratio: float = Field(20.0, gt=0, le=1e6, description="Training tokens per parameter (Chinchilla: 20).")
     # batch
     total_batch_size: int = Field(524_288, ge=1, le=MAX_BATCH_TOKENS, description="Tokens per optimizer step across all processes.")
-    device_batch_size: int = NotInKey(32, "Sequences per forward pass per process; gradient accumulation makes up the rest. Memory/speed only.",
-                                       ge=1, le=MAX_BATCH)
+    device_batch_size: int = Field(32, ge=1, le=MAX_BATCH, description=(
+        "Sequences per forward pass per process; gradient accumulation makes up the rest. In the key: it sets the data "
+        "streams (total_batch_size / (device_batch_size × max_seq_len)), so which rows each step reads."))
     # optimizers
     matrix_lr: float = Field(0.02, gt=0, description="Muon learning rate for the 2-D matrices inside blocks.")
     embedding_lr: float = Field(0.2, gt=0, description="AdamW LR of the token embedding (× (width/768)^-0.5).")
