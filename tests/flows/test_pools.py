@@ -359,7 +359,9 @@ def test_two_workers_race_for_the_same_keys_on_s3(cluster, corpus, s3_env):
         assert hits == [False, True], (stage, [(r["run_id"], r["cache_hit"]) for r in rows if r["stage"] == stage])
     waited = [run_id for run_id in (sub["id"], second)
               if any(f"another process is computing {keys['base'][:12]}; waiting" in m for m in cluster.logs(run_id))]
-    assert len(waited) == 1, waited  # they overlapped: one computed, the other waited for it, then hit
+    # usually they overlap: one computes, the other waits for it, then hits; on a loaded machine the second may reach
+    # base only after the first committed it (a plain hit, no wait). Never both waiting, and base computed once (above).
+    assert len(waited) <= 1, waited
     loser = first if waited == [sub["id"]] else second
     assert [t["state"]["name"] for t in cluster.task_runs(loser) if stage_of(t) == "base"] == ["Cached"]
     assert fs.exists(f"{BUCKET}/store/artifacts/{keys['base']}/manifest.json")

@@ -130,11 +130,10 @@ def test_kill_9_and_resume_equals_uninterrupted_and_another_count_is_refused(ref
     r = tb.run_entry(spec, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from step-000000" in r.stderr
-    straight = tb.spec_file(tmp_path, inputs, cfg, "straight")
-    assert tb.run_entry(straight, nproc=2).returncode == 0
-    # not bitwise as the torch engine's resume is: from the second step after a resume the losses differ in the 7th
-    # digit (seen on every ZeRO stage with 2 processes; a 2-process resume driven in-process is exact)
-    assert max(abs(x - y) for x, y in zip(losses(straight), losses(spec))) <= 1e-5
+    # within float rounding of the uninterrupted runs, but not bitwise as the torch engine's resume is: from the second
+    # step after a resume the losses differ in the 7th digit (every ZeRO stage, 2 processes; two uninterrupted
+    # deepspeed runs are bitwise equal, and a 2-process resume driven in-process through model/train/engine.py is exact)
+    assert tb.curve(spec)["train"]["step"] == list(range(1, STEPS + 1))
     assert max(abs(x - y) for x, y in zip(losses(reference), losses(spec))) <= 1e-5
     # ZeRO partitions are per rank: one process cannot resume them, and says what can
     (spec.parent / "out" / "model.safetensors").unlink()
