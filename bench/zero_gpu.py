@@ -52,18 +52,17 @@ def row(args) -> dict:
     ds = args.row != "torch"
     rt = runtime.init(args.device)
     cuda = rt.device.type == "cuda"
-    compile_model = {"on": True, "off": False, "auto": cuda}[args.compile]
+    compile_model = {"on": True, "off": False, "auto": None}[args.compile]  # None: the stage's default (CUDA only)
     head_dim = args.head_dim or (64 if args.depth_one < 8 else 128)
     cfg = BaseConfig(depth=args.depth_one, head_dim=head_dim, max_seq_len=args.seq, device_batch_size=args.batch,
                      total_batch_size=args.batch * args.seq, grad_clip=0.0 if ds else 1.0,
                      engine="deepspeed" if ds else "torch", zero_config=args.row if ds else "zero2",
-                     device="cuda" if cuda else "cpu")
+                     device="cuda" if cuda else "cpu", compile=compile_model)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_base(cfg, args.vocab)).to(rt.device)
     n_params, fpt = model.num_params(), model.flops_per_token()
     optimizers = build_optimizers(model, cfg)
-    trainer = engine.make(model, optimizers, cfg, rt, accum=1, micro_batch=args.batch, stage="base",
-                          compile_model=compile_model)
+    trainer = engine.make(model, optimizers, cfg, rt, accum=1, micro_batch=args.batch, stage="base")
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=rt.device)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=rt.device)
     times, loss = [], None
@@ -87,7 +86,7 @@ def row(args) -> dict:
         peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"params": n_params, "vocab": args.vocab, "flops_per_token": fpt, "step_s": dt, "tok_s": tps,
             "mfu": fpt * tps / peak_flops if peak_flops else None, "peak_bytes": peak_bytes,
-            "loss": float(loss.detach().float()), "device": rt.device_name(), "compiled": compile_model}
+            "loss": float(loss.detach().float()), "device": rt.device_name(), "compiled": trainer.compiled}
 
 
 def have_deepspeed() -> bool:

@@ -5,7 +5,7 @@ import json
 
 from pydantic import BaseModel, ValidationError
 
-from model.config import PipelineConfig
+from model.config import PipelineConfig, one_line
 
 
 class ConfigError(ValueError):
@@ -38,21 +38,6 @@ def build_config(preset: str = "tiny", sets: list[str] | None = None) -> Pipelin
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(one_line(e)) from None
-
-
-def one_line(e: ValidationError) -> str:
-    """A pydantic validation error as the one line the CLI prints: the first problem, naming the field, the rule
-    and the value given (`bad value for base.depth: Input should be less than or equal to 256 (got 100000)`). A
-    rule across fields (PipelineConfig's validators) names its fields itself and is given as it is."""
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("hub", "local", "pypi")))
-    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
-        msg = err["msg"].removeprefix("Value error, ")
-        return f"bad config: {msg}" if not where else f"bad value for {where}: {msg}"
-    got = repr(err.get("input"))
-    if len(got) > 200:
-        got = got[:199] + "…"
-    return " ".join(f"bad value for {where}: {err['msg']} (got {got})".split())
 
 
 def _parse(item: str) -> tuple[list[str], object, str]:

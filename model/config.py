@@ -7,9 +7,9 @@ out of its cache key.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, model_validator
 
 
 # Upper bounds of every size. Far above every preset (d32: depth 32, 2,048 tokens of context, 524,288 tokens a step,
@@ -34,6 +34,24 @@ MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
 MAX_MINUTES = 10**6  # a stage's time limit (about two years)
 
 
+def one_line(e: ValidationError, section: str | None = None) -> str:
+    """A pydantic validation error as the one line the CLI and the stage entry points print: the first problem,
+    naming the field (under `section` when the model is one stage's), the rule and the value given (`bad value for
+    base.depth: Input should be less than or equal to 256 (got 100000)`). A rule across fields (a model validator)
+    names its fields itself and is given as it is."""
+    err = e.errors()[0]
+    parts = [section] if section else []
+    parts += [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("hub", "local", "pypi"))]
+    where = ".".join(parts)
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"bad config: {msg}" if not where else f"bad value for {where}: {msg}"
+    got = repr(err.get("input"))
+    if len(got) > 200:
+        got = got[:199] + "…"
+    return " ".join(f"bad value for {where}: {err['msg']} (got {got})".split())
+
+
 def NotInKey(default, description: str, **bounds):
     """A field that cannot change the stage's output, so it is excluded from the cache key."""
     return Field(default, description=description, json_schema_extra={"key": False}, **bounds)
@@ -44,15 +62,6 @@ def Engine():
     return Field("torch", json_schema_extra={"key": False}, description=(
         "torch: every process holds all optimizer state, one node. deepspeed: ZeRO (zero_config) across processes "
         "and nodes; same losses as torch on the same global batch up to float rounding; needs grad_clip=0."))
-
-
-def check_engine(section: str, cfg) -> None:
-    """The deepspeed engine cannot clip as the recipe does (model/train/zero.py): refuse the combination early."""
-    if cfg.engine == "deepspeed" and cfg.grad_clip > 0:
-        raise ValueError(
-            f"{section}.grad_clip={cfg.grad_clip} with {section}.engine=deepspeed: DeepSpeed's Muon clips the "
-            f"orthogonalized update, not the gradient, which would shrink every step: set {section}.grad_clip=0 (the "
-            "recipe's Muon and AdamW hardly notice the gradient's scale) or use engine=torch")
 
 
 def ZeroConfig():
@@ -109,6 +118,23 @@ def _jsonable(value):
 
 
 # ---------------------------------------------------------------- data sources
+
+class EngineRule(Section):
+    """The rule of the stages that choose an engine (base, mid, sft): the deepspeed engine cannot clip as the recipe
+    does (model/train/zero.py), so it is refused with grad_clip > 0 before anything runs."""
+
+    section: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _engine(self):
+        if self.engine == "deepspeed" and self.grad_clip > 0:
+            sec = self.section
+            raise ValueError(
+                f"{sec}.grad_clip={self.grad_clip} with {sec}.engine=deepspeed: DeepSpeed's Muon clips the orthogonalized "
+                f"update, not the gradient, which would shrink every step: set {sec}.grad_clip=0 (the recipe's Muon and "
+                "AdamW hardly notice the gradient's scale) or use engine=torch")
+        return self
+
 
 class HubSource(Section):
     """FineWeb-edu style parquet shards on the Hugging Face Hub."""
@@ -196,8 +222,10 @@ class TokenizerConfig(Section):
 
 # ---------------------------------------------------------------- base pretraining
 
-class BaseConfig(Section):
+class BaseConfig(EngineRule):
     """`base` stage: pretrain the GPT (nanochat's recipe; depth is the dial)."""
+
+    section: ClassVar[str] = "base"
 
     depth: int = Field(20, ge=1, le=MAX_DEPTH, description="Transformer layers; width = depth × aspect_ratio, heads = width / head_dim.")
     aspect_ratio: int = Field(64, ge=1, le=MAX_ASPECT, description="Model width per layer of depth (nanochat: 64).")
@@ -242,11 +270,6 @@ class BaseConfig(Section):
     engine: Literal["torch", "deepspeed"] = Engine()
     zero_config: str = ZeroConfig()
     loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.", ge=1, le=MAX_PROCS)
-
-    @model_validator(mode="after")
-    def _engine(self):
-        check_engine("base", self)
-        return self
 
 
 # ---------------------------------------------------------------- conversation data (mixtures)
@@ -330,8 +353,10 @@ class FinetuneOptim(Section):
     grad_clip: float = Field(0.0, ge=0, description="Clip the global gradient norm to this (0 = off, as nanochat's fine-tuning).")
 
 
-class MidConfig(FinetuneOptim):
+class MidConfig(FinetuneOptim, EngineRule):
     """`mid` stage: conversations packed into one token stream at the base model's sequence length (nanochat v0's mid-training)."""
+
+    section: ClassVar[str] = "mid"
 
     total_batch_size: int = Field(524_288, ge=1, le=MAX_BATCH_TOKENS, description="Tokens per optimizer step across all processes.")
     device_batch_size: int = Field(32, ge=1, le=MAX_BATCH, description=(
@@ -351,14 +376,11 @@ class MidConfig(FinetuneOptim):
     engine: Literal["torch", "deepspeed"] = Engine()
     zero_config: str = ZeroConfig()
 
-    @model_validator(mode="after")
-    def _engine(self):
-        check_engine("mid", self)
-        return self
 
-
-class SftConfig(FinetuneOptim):
+class SftConfig(FinetuneOptim, EngineRule):
     """`sft` stage: one conversation per row, padded to the batch's longest, loss only on assistant tokens."""
+
+    section: ClassVar[str] = "sft"
 
     init_lr_frac: float = Field(0.02, gt=0, le=1, description="Starting LR as a fraction of the rates above (nanochat: 0.02), decaying linearly to 0.")
     muon_momentum_warmup: int = Field(0, ge=0, le=MAX_STEPS, description="Steps over which Muon momentum rises linearly (0: the end value throughout).")
@@ -378,11 +400,6 @@ class SftConfig(FinetuneOptim):
     timeout_minutes: float | None = TimeoutMinutes()
     engine: Literal["torch", "deepspeed"] = Engine()
     zero_config: str = ZeroConfig()
-
-    @model_validator(mode="after")
-    def _engine(self):
-        check_engine("sft", self)
-        return self
 
 
 class RlConfig(FinetuneOptim):

@@ -6,7 +6,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,21 @@ def train_inputs(root: Path, docs: int, vocab_size: int = 512) -> tuple[Path, Pa
     build(DataConfig(sources=[LocalSource(paths=[str(corpus)])], row_group_size=64, val_fraction=0.05), data, download_dir=root / "dl")
     train_tokenizer(TokenizerConfig(vocab_size=vocab_size, reference_encodings=[], report_max_chars=50_000), data, tok, download_dir=None)
     return data, tok
+
+
+def kill_9_when(path: Path, proc, timeout: float = 300) -> None:
+    """Wait for `path` (a checkpoint the training process writes), then SIGKILL the process and every process below
+    it (torchrun starts each worker in a session of its own). Fails if the process finishes first."""
+    from flows.worker import descendants
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

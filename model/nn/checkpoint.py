@@ -62,23 +62,34 @@ def set_rng_state(state: dict) -> None:
 
 def save(wip: Path, step: int, model, optimizers, state: dict, keep: int = 2) -> Path:
     """Write a complete checkpoint atomically; keep only the newest `keep`."""
-    final = wip / f"{PREFIX}{step:08d}"
     tmp = wip / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_weights(model, tmp / WEIGHTS)
     torch.save({"optimizers": [o.state_dict() for o in optimizers], "rng": rng_state()}, tmp / OPTIM)
-    (tmp / STATE).write_text(json.dumps({"step": step, **state}, sort_keys=True))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    write_state(tmp, step, state)
+    return publish(tmp, wip, step, keep)
+
+
+def write_state(ckpt: Path, step: int, state: dict) -> None:
+    """The checkpoint's JSON part: its step and the caller's state (loaders, curves, ...)."""
+    (ckpt / STATE).write_text(json.dumps({"step": step, **state}, sort_keys=True))
+
+
+def publish(tmp: Path, wip: Path, step: int, keep: int = 2) -> Path:
+    """Make the complete directory `tmp` the checkpoint `step-N`: fsync every file below it, rename it into place,
+    keep the newest `keep` checkpoints and drop temporary directories other writers left behind."""
+    final = wip / f"{PREFIX}{step:08d}"
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            with open(Path(root) / name, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     for old in sorted(wip.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in wip.glob(".tmp-*"):
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

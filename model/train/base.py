@@ -65,10 +65,7 @@ def train(spec: dict) -> dict:
     cfg = runtime.parse_config(BaseConfig, spec["config"], "base")
     dataset_dir, tokenizer_dir = Path(spec["dataset_dir"]), Path(spec["tokenizer_dir"])
     out_dir, wip = Path(spec["out_dir"]), Path(spec["wip_dir"])
-    if cfg.engine == "deepspeed":  # the ZeRO file and the clip, before any process group or model exists
-        from model.train import zero
-
-        zero.check(cfg, "base")
+    engine.check(cfg, "base")  # before any process group or model exists
     rt = runtime.init(cfg.device)
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
@@ -86,8 +83,7 @@ def train(spec: dict) -> dict:
     n_streams = streams(cfg, rt.world_size)
     mine = list(range(rt.rank, n_streams, rt.world_size))
     accum = len(mine)
-    compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
-    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "base", compiled)
+    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "base")
 
     loop = {"curve": {"step": [], "train_loss": [], "lr_mult": []}, "evals": [], "samples": [], "ema": 0.0, "train_seconds": 0.0, "resumed_from": []}
     start_step, loader_states = 0, {}

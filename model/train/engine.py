@@ -15,8 +15,6 @@ rates have one source. How DeepSpeed differs, and what this module does about it
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -37,10 +35,6 @@ class TorchTrainer:
         self.model, self.optimizers, self.grad_clip, self.rt, self.accum = model, optimizers, grad_clip, rt, accum
         self.forward = torch.compile(model) if compile_model else model
         self.compiled = compile_model
-
-    def groups(self) -> list[dict]:
-        """Every param group (one dict per group, "params" included), as the optimizers hold them."""
-        return [g for opt in self.optimizers for g in opt.param_groups]
 
     def schedule(self, lr_mult: float, momentum: float) -> None:
         common.schedule(self.optimizers, lr_mult, momentum)
@@ -72,8 +66,20 @@ class TorchTrainer:
         return {"engine": "torch"}
 
 
-def make(model, optimizers, cfg, rt, accum: int, micro_batch: int, stage: str, compile_model: bool = False):
-    """The engine `cfg.engine` names, around `model` and the torch engine's `optimizers`."""
+def check(cfg, stage: str) -> None:
+    """What an engine can refuse before any process group or model exists (the deepspeed engine: its ZeRO file)."""
+    if cfg.engine == "deepspeed":
+        from model.train import zero
+
+        zero.load_config(cfg.zero_config, stage)
+
+
+def make(model, optimizers, cfg, rt, accum: int, micro_batch: int, stage: str):
+    """The engine `cfg.engine` names, around `model` and the torch engine's `optimizers`. The model is compiled
+    when `cfg.compile` says so; left unset, on CUDA only (a stage without the field, sft, never compiles)."""
+    compile_model = getattr(cfg, "compile", False)
+    if compile_model is None:
+        compile_model = rt.device.type == "cuda"
     if cfg.engine == "deepspeed":
         from model.train import zero
 
@@ -82,9 +88,8 @@ def make(model, optimizers, cfg, rt, accum: int, micro_batch: int, stage: str, c
 
 
 def atomic_dir(wip: Path, step: int, rt, write) -> Path:
-    """Have every rank `write(tmp)` into one shared temporary directory, then rank 0 renames it to `step-N`: a
-    directory with that name is always complete (the same promise model/nn/checkpoint.py makes)."""
-    final = wip / f"{checkpoint.PREFIX}{step:08d}"
+    """Have every rank `write(tmp)` into one shared temporary directory, then rank 0 publishes it as `step-N`
+    (model/nn/checkpoint.py: a directory with that name is always complete)."""
     tmp = wip / f".tmp-step-{step:08d}"
     if rt.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,18 +98,6 @@ def atomic_dir(wip: Path, step: int, rt, write) -> Path:
     write(tmp)
     rt.barrier()
     if rt.main:
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                with open(Path(root) / name, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for old in sorted(wip.glob(f"{checkpoint.PREFIX}*"))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoint.publish(tmp, wip, step)
     rt.barrier()
-    return final
-
-
-def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, sort_keys=True))
+    return wip / f"{checkpoint.PREFIX}{step:08d}"

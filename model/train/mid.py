@@ -67,10 +67,7 @@ def train(spec: dict) -> dict:
     if len(train_set) == 0:
         raise InputError(f"the train split of {data_dir} has no conversations: mid-training needs some; "
                          "rebuild the mid_data artifact with train entries")
-    if cfg.engine == "deepspeed":  # the ZeRO file and the clip, before any process group or model exists
-        from model.train import zero
-
-        zero.check(cfg, "mid")
+    engine.check(cfg, "mid")  # before any process group or model exists
     rt = runtime.init(cfg.device)
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)
@@ -88,8 +85,7 @@ def train(spec: dict) -> dict:
     mine = list(range(rt.rank, n_streams, rt.world_size))
     accum = len(mine)
     optimizers = common.build(model, cfg, rt.world_size)
-    compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
-    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "mid", compiled)
+    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "mid")
 
     loop = {"curve": {"step": [], "train_loss": [], "lr_mult": []}, "evals": [], "train_seconds": 0.0, "resumed_from": []}
     start_step, loader_states = 0, {}
@@ -180,7 +176,7 @@ def train(spec: dict) -> dict:
         "tokens_per_s": tps, "step_seconds": timed_seconds / timed_steps if timed_steps else None,
         "mfu": fpt * tps / (peak * rt.world_size) if (peak and tps) else None,
         "train_seconds": loop["train_seconds"], "resumed_from": loop["resumed_from"],
-        "device": rt.device_name(), "device_type": rt.device_type(), "compiled": compiled,
+        "device": rt.device_name(), "device_type": rt.device_type(), "compiled": trainer.compiled,
     }
     if rt.main or trainer.lockstep:  # under ZeRO-3 every rank runs the same forwards
         with trainer.full_params():

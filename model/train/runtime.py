@@ -90,16 +90,13 @@ def parse_config(cls, raw: dict, section: str):
     """`cls.model_validate(raw)`, a validation failure as a one-line InputError naming `section.field`."""
     from pydantic import ValidationError
 
+    from model.config import one_line
     from model.errors import InputError
 
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join([section, *(str(p) for p in err["loc"])])
-        if err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a rule across fields names them itself
-            raise InputError(f"bad config: {err['msg'].removeprefix('Value error, ')}") from None
-        raise InputError(f"bad value for {where}: {err['msg']} (got {err.get('input')!r})") from None
+        raise InputError(one_line(e, section)) from None
 
 
 def main(stage: str, module: str, run: Callable[[dict], dict], argv: list[str] | None = None) -> int:

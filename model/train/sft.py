@@ -57,10 +57,7 @@ def train(spec: dict) -> dict:
     if len(train_set) == 0:
         raise InputError(f"the train split of {data_dir} has no conversations: SFT needs some; "
                          "rebuild the sft_data artifact with train entries")
-    if cfg.engine == "deepspeed":  # the ZeRO file and the clip, before any process group or model exists
-        from model.train import zero
-
-        zero.check(cfg, "sft")
+    engine.check(cfg, "sft")  # before any process group or model exists
     rt = runtime.init(cfg.device)
     stop = common.StopRequest()
     torch.manual_seed(cfg.seed)

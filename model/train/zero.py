@@ -80,12 +80,6 @@ def load_config(ref: str, stage: str) -> dict:
     return raw
 
 
-def check(cfg, stage: str) -> dict:
-    """What can be refused before any process group or model exists: the ZeRO file (the clip is refused by the
-    config itself, model/config.py check_engine)."""
-    return load_config(cfg.zero_config, stage)
-
-
 def ns_method(device: torch.device) -> str:
     """DeepSpeed's Newton–Schulz form: the recipe's bf16 "standard" on accelerators; on a CPU "gram" where it runs
     in fp32 (it does unless the CPU has fp16 matrix units)."""
@@ -134,7 +128,7 @@ class DeepSpeedTrainer:
     name = "deepspeed"
 
     def __init__(self, model, optimizers, cfg, rt, accum: int, micro_batch: int, stage: str, compile_model: bool):
-        conf = check(cfg, stage)
+        conf = load_config(cfg.zero_config, stage)
         if rt.device.type == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed's first import picks CUDA on a GPU machine
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")  # DeepSpeed's call, not ours
@@ -181,9 +175,6 @@ class DeepSpeedTrainer:
             print(f"{stage}: engine deepspeed, ZeRO-{self.zero_stage} ({cfg.zero_config}) on {rt.world_size} process(es), "
                   f"Muon Newton–Schulz '{self.ns_method}', gradient accumulation {accum}", file=sys.stderr, flush=True)
 
-    def groups(self) -> list[dict]:
-        return list(self.ds.optimizer.param_groups)
-
     def schedule(self, lr_mult: float, momentum: float) -> None:
         for g in self.ds.optimizer.param_groups:
             g["lr"] = self.initial_lr[g["name"]] * lr_mult
@@ -217,7 +208,7 @@ class DeepSpeedTrainer:
             self.ds.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
             if self.rt.main:
                 torch.save({"rng": checkpoint.rng_state()}, tmp / "rng.pt")
-                engine.write_json(tmp / checkpoint.STATE, {"step": step, **state, **self.state_extra()})
+                checkpoint.write_state(tmp, step, {**state, **self.state_extra()})
 
         engine.atomic_dir(wip, step, self.rt, write)
 

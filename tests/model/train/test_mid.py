@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from chat_data import arithmetic, write_conversations
+from helpers import kill_9_when
 from model.config import MidConfig
 from model.data.chat_loader import Conversations
 from model.chat.conversation import render
@@ -131,13 +131,7 @@ def test_resume_after_kill_9_equals_uninterrupted(tiny_checkpoint, mid_data, tmp
     proc = subprocess.Popen([sys.executable, "-m", "model.train.mid", str(resumed)], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wip = resumed.parent / "wip"
-    deadline = time.time() + 300
-    while not (wip / "step-00000010").exists():
-        assert proc.poll() is None, "finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(wip / "step-00000010", proc)
     assert not (resumed.parent / "out" / "model.safetensors").exists()
     r = run_entry(resumed)
     assert r.returncode == 0, r.stderr[-3000:]

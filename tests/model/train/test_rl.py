@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import kill_9_when
 from model.config import RlConfig
 from model.train import rl, runtime
 
@@ -255,13 +256,7 @@ def test_resume_after_kill_9_equals_uninterrupted(sft_checkpoint, problems, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "model.train.rl", str(resumed)], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wip = resumed.parent / "wip"
-    deadline = time.time() + 300
-    while not (wip / "step-00000003").exists():
-        assert proc.poll() is None, "finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(wip / "step-00000003", proc)
     assert not (resumed.parent / "out" / "model.safetensors").exists()
     r = run_entry(resumed)
     assert r.returncode == 0, r.stderr[-3000:]

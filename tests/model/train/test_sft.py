@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from chat_data import arithmetic, write_conversations
+from helpers import kill_9_when
 from model.config import MidConfig, SftConfig
 from model.data.chat_loader import Conversations
 from model.chat.conversation import render
@@ -141,13 +142,7 @@ def test_resume_after_kill_9_equals_uninterrupted(mid_checkpoint, sft_data, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "model.train.sft", str(resumed)], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wip = resumed.parent / "wip"
-    deadline = time.time() + 300
-    while not (wip / "step-00000010").exists():
-        assert proc.poll() is None, "finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(wip / "step-00000010", proc)
     assert not (resumed.parent / "out" / "model.safetensors").exists()
     r = run_entry(resumed)
     assert r.returncode == 0, r.stderr[-3000:]

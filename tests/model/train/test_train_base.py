@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import train_inputs
+from helpers import kill_9_when, train_inputs
 from model.config import BaseConfig, TokenizerConfig
 from model.data.tokenizer import train as train_tokenizer
 
@@ -84,13 +84,7 @@ def test_resume_after_kill_9_equals_uninterrupted(inputs, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "model.train.base", str(resumed)], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wip = resumed.parent / "wip"
-    deadline = time.time() + 300
-    while not (wip / "step-00000020").exists():
-        assert proc.poll() is None, "finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(wip / "step-00000020", proc)
     assert not (resumed.parent / "out" / "model.safetensors").exists()
     r = run_entry(resumed)
     assert r.returncode == 0, r.stderr[-3000:]

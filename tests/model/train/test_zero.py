@@ -4,7 +4,6 @@ really uses each step; kill -9 and resume; two "nodes" on loopback; mid and sft;
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,8 +19,7 @@ pytest.importorskip("deepspeed")
 import test_mid as tm  # noqa: E402
 import test_sft as ts  # noqa: E402
 import test_train_base as tb  # noqa: E402
-from flows.worker import descendants  # noqa: E402
-from helpers import free_port  # noqa: E402
+from helpers import free_port, kill_9_when# noqa: E402
 from model.config import BaseConfig  # noqa: E402
 from model.nn.optim import lr_multiplier, muon_momentum  # noqa: E402
 from test_mid import mid_data  # noqa: E402,F401  (fixtures)
@@ -115,14 +113,7 @@ def test_kill_9_and_resume_equals_uninterrupted_and_another_count_is_refused(ref
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "model.train.base", str(spec)]
     proc = subprocess.Popen(cmd, env=tb.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wip = spec.parent / "wip"
-    deadline = time.time() + 300
-    while not (wip / "step-00000010").exists():
-        assert proc.poll() is None, "finished before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts each worker in a session of its own
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(wip / "step-00000010", proc)
     assert not (spec.parent / "out" / "model.safetensors").exists()
     assert sorted(p.name for p in (wip / "step-00000010" / "deepspeed").iterdir()) == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
