@@ -38,8 +38,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="chatforge",
         description="Train a small ChatGPT from scratch as a Prefect flow of cached, versioned artifacts.",
-        epilog="Without PREFECT_API_URL a temporary local Prefect server is started for the run; "
-        "set it to use a running one (e.g. `prefect server start`).",
+        epilog="Without PREFECT_API_URL, `run` and `stage` use a server on 127.0.0.1:4200 when one answers, else "
+        "start a background Prefect server (127.0.0.1, this chatforge home's database) that later runs attach to and "
+        "that stops after 30 min idle (`chatforge server --stop` now; CHATFORGE_BACKGROUND_SERVER=0: a temporary "
+        "server per run instead). Set PREFECT_API_URL to use another server.",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -91,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", default="chatforge-cpu,chatforge-gpu", metavar="POOLS",
                      help="pools to start a local worker for, comma-separated, or none (default: both; "
                      "--workers chatforge-cpu when GPU machines run the chatforge-gpu workers)")
+    srv.add_argument("--stop", action="store_true", help="stop the background Prefect server that `chatforge run` "
+                     "started for this chatforge home, and exit")
 
     wrk_help = ("start a Prefect worker for a chatforge work pool on this machine, pointed at the server in "
                 "PREFECT_API_URL (default http://127.0.0.1:4200/api) and a store this machine can write")
@@ -237,19 +241,48 @@ def _is_user_error(e: Exception) -> bool:
     return isinstance(e, (StoreError, ConfigError, InputError, KeyError, CatalogError, PriceFileError)) and "\n" not in str(e)
 
 
-def _prefect_api() -> None:
-    """Use PREFECT_API_URL when set (even empty: then a temporary server); else a server on 127.0.0.1:4200 if one answers."""
+def _prefect_api():
+    """Choose the Prefect server of a run; returns a call that waits until it answers (a background server being
+    started meanwhile, while this process imports Prefect). PREFECT_API_URL when set (even empty: a temporary
+    server); else this home's background server (flows/background.py), else a server on 127.0.0.1:4200 if one
+    answers, else a new background server, or a temporary one when CHATFORGE_BACKGROUND_SERVER=0."""
     if "PREFECT_API_URL" in os.environ:
-        return
-    import socket
+        return lambda: None
+    from flows import background
 
-    try:
-        socket.create_connection(("127.0.0.1", 4200), timeout=0.2).close()
-    except OSError:
-        print("chatforge: no Prefect server at 127.0.0.1:4200; starting a temporary one for this run", file=sys.stderr)
-        return
-    os.environ["PREFECT_API_URL"] = LOCAL_SERVER
-    print(f"chatforge: using the Prefect server at {LOCAL_SERVER}", file=sys.stderr)
+    st = background.state()
+    if st is None:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", 4200), timeout=0.2).close()
+        except OSError:
+            pass
+        else:
+            os.environ["PREFECT_API_URL"] = LOCAL_SERVER
+            print(f"chatforge: using the Prefect server at {LOCAL_SERVER}", file=sys.stderr)
+            return lambda: None
+        if not background.enabled():
+            print(f"chatforge: no Prefect server at 127.0.0.1:4200 and {background.SWITCH}=0; starting a temporary one "
+                  "for this run", file=sys.stderr)
+            return lambda: None
+        st, started = background.start()
+    else:
+        started = False
+    os.environ["PREFECT_API_URL"] = st["url"]
+    verb = "started a" if started else "using the"
+    print(f"chatforge: {verb} background Prefect server at {st['ui']} (UI), {background.how_to_stop(st)}", file=sys.stderr)
+    return lambda: background.wait(st, meanwhile=_imports_after_start)
+
+
+def _imports_after_start() -> None:
+    """What a run imports once its flow starts (Prefect's parameter encoder, the summary's catalog and report):
+    imported while a background server starts, on the core the server leaves free, rather than after."""
+    import fastapi.encoders  # noqa: F401
+
+    import artifacts.catalog  # noqa: F401
+    import artifacts.report  # noqa: F401
+    import artifacts.summary  # noqa: F401
 
 
 def _config(args):
@@ -276,9 +309,10 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(cfg, store, args.until)
     store.ensure_writable()
-    _prefect_api()
-    from flows.pipeline import pipeline
+    ready = _prefect_api()
+    from flows.pipeline import pipeline  # seconds of imports, while a background server starts
 
+    ready()
     _quiet_user_error_tracebacks()
     t0 = time.perf_counter()
     state = pipeline(config=cfg, until=args.until, force=args.force, store=store.url, return_state=True)
@@ -308,6 +342,9 @@ def _hints() -> dict[str, str]:
 def _quiet_prefect() -> None:
     """Flush Prefect's logs and stop a temporary server now, so that nothing Prefect says follows the summary."""
     _drain_prefect()
+    if "prefect.server.api.server" not in sys.modules:  # no temporary server; importing it costs seconds
+        sys.stderr.flush()
+        return
     try:
         from prefect.server.api.server import SubprocessASGIServer
 
@@ -355,9 +392,10 @@ def cmd_stage(args) -> int:
 
         raise InputError(MISSING_RUN)
     store.ensure_writable()
-    _prefect_api()
+    ready = _prefect_api()
     from flows.pipeline import stage_flow
 
+    ready()
     _quiet_user_error_tracebacks()
     key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)
     print(f"{args.name:<10} {key}")
@@ -420,6 +458,13 @@ def cmd_chat(args) -> int:
 
 
 def cmd_server(args) -> int:
+    if args.stop:
+        from flows.background import folder, stop
+
+        st = stop()
+        print(f"chatforge server: stopped the background Prefect server at {st['ui']} (pid {st['pid']})" if st else
+              f"chatforge server: no background Prefect server is running for {folder()}", file=sys.stderr)
+        return 0
     from flows.server import main as serve_main
 
     pools = [p.strip() for p in args.workers.split(",") if p.strip() and p.strip() != "none"]

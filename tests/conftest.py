@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("CHATFORGE_EVAL_DIR", None)  # eval data comes only from what each test names
+# No test leaves a background Prefect server behind (flows/background.py): a `chatforge run` without PREFECT_API_URL
+# gets a temporary server for the run instead; tests/flows/test_background.py turns it back on, for its own homes.
+os.environ["CHATFORGE_BACKGROUND_SERVER"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)
