@@ -2,6 +2,7 @@
 
     python bench/engine_speed.py                                  # depth 4, head_dim 64, vocab 4096, batch 1 and 8
     python bench/engine_speed.py --depth 20 --head-dim 128 --vocab 65536 --prompt-len 1024 --batches 1 8 32
+    CHATFORGE_CODE=/path/to/old/checkout python bench/engine_speed.py     # the same figures for another checkout
 
 For each batch size B: B distinct random prompts of --prompt-len tokens, then --decode-tokens sampled tokens
 per row (temperature 1). Prefill tokens/s = B × prompt length / time to the first yielded step (the prefill
@@ -15,13 +16,15 @@ every run decodes exactly --decode-tokens tokens per row. bf16 autocast on CUDA,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# CHATFORGE_CODE: another checkout to measure (a before/after table runs this same script on both)
+sys.path.insert(0, os.environ.get("CHATFORGE_CODE") or str(Path(__file__).resolve().parents[1]))
 
 from model.config import SPECIAL_TOKENS, BaseConfig  # noqa: E402
 from model.chat.engine import Engine  # noqa: E402

@@ -16,7 +16,6 @@ the head is called ``lm_head``, and every other matrix lives under ``blocks``.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass, fields
@@ -150,20 +149,39 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
-        else:  # inference with a KV cache: it stores k, v and returns every key/value to attend to (see forward_cached)
-            k, v, mask = kv(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_kv_head != self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _rotary_norm_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """rms_norm(apply_rotary(·)) of q and k in one pass over their heads side by side: the same numbers,
+    half the operator calls (at batch 1 the calls, not the arithmetic, are the cost)."""
+    x = torch.cat((q, k), dim=2)
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x = rms_norm(torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1))
+    return x.split((q.size(2), k.size(2)), dim=2)
+
+
+def _rowwise(kv_cache, B: int):
+    """F.linear for x (B, 1, C) as B matrix-vector products (each row takes the same kernel whatever B is),
+    with each weight's (B, C, N) view made once per cache and batch size rather than at every call."""
+    views = kv_cache.__dict__.setdefault("_rowwise_views", {})
+
+    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        w = views.get((id(weight), B))
+        if w is None:
+            w = views[(id(weight), B)] = weight.t().expand(B, -1, -1)
+        return torch.bmm(x, w)
+
+    return linear
 
 
 class MLP(nn.Module):
@@ -182,8 +200,8 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x), cos, sin, kv)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin)
         return x + self.mlp(rms_norm(x))
 
 
@@ -270,24 +288,37 @@ class GPT(nn.Module):
         """Inference on top of a KV cache (see `model.chat.engine.KVCache`): fp32 logits (B, V) of one token per row.
 
         `kv_cache.positions(T)` gives the (B, T) absolute positions of `idx`'s tokens (for the rotary angles),
-        and `kv_cache.update(layer, k, v)` stores the new keys/values (B, H_kv, T, D) and returns
-        `(keys, values, mask)` to attend to, with `mask` a boolean attn_mask or None for plain causal attention.
+        and `kv_cache.attend(layer, q, k, v)` stores the new keys/values (B, H_kv, T, D) and returns the
+        attention output (B, H, T, D). With `kv_cache.batch_invariant`, a one-token step runs its linear layers
+        as one matrix-vector product per row, so a row's numbers do not depend on the batch size.
         `last` (B,) picks the position whose logits are returned per row (default: the last, T - 1), so a
-        prefill never materialises T × vocab logits. Same result as `forward` on the whole sequence.
+        prefill never materialises T × vocab logits. Same result as `forward` on the whole sequence (up to
+        rounding). The blocks' weights are used directly: module calls cost more than the arithmetic at batch 1.
         """
         B, T = idx.shape
-        pos = kv_cache.positions(T)
-        if int(pos.max()) >= self.config.sequence_len:
+        if kv_cache.capacity > self.config.sequence_len:
             raise InputError(
-                f"position {int(pos.max())} is past the model's context of {self.config.sequence_len} tokens: "
-                "shorten the prompt or generate fewer tokens"
+                f"KV cache of {kv_cache.capacity} positions is larger than the model's context of "
+                f"{self.config.sequence_len} tokens: shorten the prompt or generate fewer tokens"
             )
+        pos = kv_cache.positions(T)
         cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, T, 1, D/2)
+        linear = _rowwise(kv_cache, B) if T == 1 and getattr(kv_cache, "batch_invariant", False) else F.linear
         x = rms_norm(self.embed(idx))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, functools.partial(kv_cache.update, i))
-        x = x[:, -1] if last is None else x[torch.arange(B, device=x.device), last]
-        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].float()
+            a, mlp = block.attn, block.mlp
+            h = rms_norm(x)
+            q = linear(h, a.c_q.weight).view(B, T, a.n_head, a.head_dim)
+            k = linear(h, a.c_k.weight).view(B, T, a.n_kv_head, a.head_dim)
+            v = linear(h, a.c_v.weight).view(B, T, a.n_kv_head, a.head_dim)
+            if cos.dtype != q.dtype:  # once per call (autocast): apply_rotary's casts, hoisted out of the loop
+                cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            q, k = _rotary_norm_qk(q, k, cos, sin)
+            y = kv_cache.attend(i, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            x = x + linear(y.transpose(1, 2).reshape(B, T, -1), a.c_proj.weight)
+            x = x + linear(F.relu(linear(rms_norm(x), mlp.c_fc.weight)).square(), mlp.c_proj.weight)
+        x = x[:, -1:] if last is None else x[torch.arange(B, device=x.device), last][:, None]
+        logits = linear(rms_norm(x), self.lm_head.weight)[:, 0, : self.config.vocab_size].float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     @torch.no_grad()
