@@ -9,13 +9,15 @@ the first `--warmup` steps (compilation, allocator warm-up) are not timed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# CHATFORGE_CODE=/an/older/checkout runs the same bench against that code (a before/after table)
+sys.path.insert(0, os.environ.get("CHATFORGE_CODE") or str(Path(__file__).resolve().parents[1]))
 
 from model.config import BaseConfig  # noqa: E402
 from model.nn.gpt import GPT, GPTConfig  # noqa: E402

@@ -266,10 +266,14 @@ class BaseConfig(EngineRule):
                            ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "Where to train: auto = CUDA if available.")
     timeout_minutes: float | None = TimeoutMinutes()
-    compile: bool | None = NotInKey(None, "torch.compile the model; default: on for CUDA, off on CPU.")
+    compile: bool | None = NotInKey(None, (
+        "torch.compile the model; default (None): on when the planned steps repay the estimated compile time "
+        "(model/train/autocompile.py; the decision is logged)."))
     engine: Literal["torch", "deepspeed"] = Engine()
     zero_config: str = ZeroConfig()
-    loader_threads: int = NotInKey(4, "Threads tokenizing documents in the data loader.", ge=1, le=MAX_PROCS)
+    loader_threads: int | None = NotInKey(None, (
+        "Read-ahead threads per data stream tokenizing documents in the data loader; default: this process's cores "
+        "shared among its streams, 1 to 4 each."), ge=1, le=MAX_PROCS)
 
 
 # ---------------------------------------------------------------- conversation data (mixtures)
@@ -483,6 +487,10 @@ class BaseEvalConfig(Section):
     max_per_task: int | None = Field(None, ge=1, le=MAX_ITEMS, description="Evaluate at most this many items per CORE task (a seed-1337 shuffle picks them); None: all.")
     bpb_tokens: int = Field(20 * 524_288, ge=1, le=MAX_TOKENS, description="Tokens of each split (train, val) for bits-per-byte.")
     batch_size: int = NotInKey(32, "Sequences per forward pass for bits-per-byte.", ge=1, le=MAX_BATCH)
+    core_batch_tokens: int = NotInKey(8192, (
+        "CORE: padded tokens (rows × width) per forward pass, over several items of equal padded width; "
+        "an item longer than this goes alone. Scores do not depend on it (model/evals/core_eval.py, Batching)."),
+        ge=1, le=MAX_TOKENS)
     sample_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Tokens generated per fixed sample prompt.")
     nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks, results are identical.", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")

@@ -32,11 +32,14 @@ Threads
     pool, so that tokenization overlaps the training step (the Rust side releases the GIL). `threads=0`
     tokenizes synchronously in the caller's thread when the buffer runs low. The batches do not depend on it.
     Memory: at most `threads` row groups of tokens in flight plus the one or two being consumed.
+    `threads=None` sizes it to the cores this process has (`default_threads`): read-ahead beyond what the
+    cores can tokenize while training runs only takes CPU from the training step (at start-up above all).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +54,22 @@ from model.errors import InputError
 
 STATE_VERSION = 1
 _FRESH = "start a fresh run"
+
+
+def process_cores() -> int:
+    """CPU cores this process may use: its affinity mask shared among the processes of this node (torchrun's
+    LOCAL_WORLD_SIZE), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def default_threads(loaders: int = 1) -> int:
+    """Read-ahead threads per loader when `loaders` loaders share this process: its cores split among them,
+    1 to 4 each (a row group ahead is enough for a loader to never wait; more only competes with training)."""
+    return max(1, min(4, process_cores() // max(1, loaders)))
 
 
 def _shard_fingerprint(shards: list[Path]) -> str:
@@ -95,12 +114,14 @@ class TokenLoader:
     """
 
     def __init__(self, dataset_dir: Path, split: str, tokenizer, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, state: dict | None = None, threads: int = 4,
+                 rank: int = 0, world_size: int = 1, state: dict | None = None, threads: int | None = None,
                  device: str = "cpu", loop: bool = True):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, not {batch_size} and {seq_len}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, not rank={rank} world_size={world_size}")
+        if threads is None:
+            threads = default_threads()
         if threads < 0:
             raise ValueError(f"threads must be >= 0, not {threads}")
         self.split, self.rank, self.world_size = split, rank, world_size
@@ -320,15 +341,19 @@ class TokenLoader:
 
 def _doc_stream(row_groups: list[tuple[Path, int]], tokenizer, chunk_docs: int = 64) -> Iterator[np.ndarray]:
     """The token stream of `row_groups` ([BOS] + ids per document, in order, looping), tokenized a few documents
-    at a time: the same tokens as `_tokenize_row_group`, without tokenizing a whole row group up front."""
+    at a time: the same tokens as `_tokenize_row_group`, without tokenizing a whole row group up front.
+    Chunks grow 1, 2, 4, … up to `chunk_docs` documents per row group: a short pass over long documents
+    (an eval of a few thousand tokens) then tokenizes about what it reads, not 64 documents."""
     bos = int(tokenizer.bos_id)
     while True:
         produced = 0
         for path, index in row_groups:
             texts = pq.ParquetFile(path).read_row_group(index, columns=["text"]).column(0).to_pylist()
-            for start in range(0, len(texts), chunk_docs):
+            start, size = 0, 1
+            while start < len(texts):
+                chunk, start, size = texts[start:start + size], start + size, min(2 * size, chunk_docs)
                 flat: list[int] = []
-                for ids in tokenizer.encode_batch([t if t is not None else "" for t in texts[start:start + chunk_docs]]):
+                for ids in tokenizer.encode_batch([t if t is not None else "" for t in chunk]):
                     flat.append(bos)
                     flat.extend(ids)
                 produced += len(flat)

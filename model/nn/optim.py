@@ -6,7 +6,7 @@ Two optimizers, returned as ``[adamw, muon]``:
   Nesterov momentum (``muon_momentum_start`` rising to ``muon_momentum_end``), 5 Newton–Schulz steps with
   Keller Jordan's quintic coefficients (3.4445, −4.7750, 2.0315), update scaled by sqrt(max(1, rows/cols)).
 - AdamW for the token embedding (lr ``embedding_lr``) and the output head (lr ``unembedding_lr``), both
-  × (n_embd / 768) ** -0.5, betas ``adam_betas``, eps ``adam_eps``, weight decay 0; fused on CUDA.
+  × (n_embd / 768) ** -0.5, betas ``adam_betas``, eps ``adam_eps``, weight decay 0; fused on CUDA and CPU.
 
 What torch 2.13's ``torch.optim.Muon`` does, read from its source (``torch/optim/_muon.py``), against the
 recipe (nanochat's Muon, itself Keller Jordan's):
@@ -38,8 +38,9 @@ recipe (nanochat's Muon, itself Keller Jordan's):
   project's CI) torch's bf16 ``addmm`` is 10–70× slower than fp32 (measured: a 1024×256 matrix, 5 NS steps,
   764 ms bf16 vs ~10 ms fp32 on one core), which made the optimizer step 5× the forward+backward of the
   ``tiny`` preset. The math is the same iteration; fp32 is closer to the exact polynomial (the bf16
-  path is ~1.5% off a float64 reference, fp32 ~1e-6). On CUDA (and any non-CPU device) ``step()`` is
-  torch's own, unchanged. Momentum buffers have torch's layout, so optimizer state moves between the two.
+  path is ~1.5% off a float64 reference, fp32 ~1e-6). Matrices of one shape are updated together (foreach
+  momentum, batched Newton–Schulz), the same iteration per matrix. On CUDA (and any non-CPU device) ``step()``
+  is torch's own, unchanged. Momentum buffers have torch's layout, so optimizer state moves between the two.
 
 ``tests/model/test_optim.py`` checks a step of torch's Muon, and of ours, against an independent reference.
 """
@@ -76,20 +77,28 @@ class Muon(torch.optim.Muon):
                 loss = closure()
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            # matrices of one shape go through momentum and Newton–Schulz together (foreach ops, one batched
+            # matmul per NS product): on small models the per-matrix loop is mostly dispatch overhead
+            by_shape: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - mu)
-                update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.cpu_ns_dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * _lr_scale(group["adjust_lr_fn"], p.shape))
+                if p.grad is not None:
+                    by_shape.setdefault((tuple(p.shape), p.dtype), []).append(p)
+            for (shape, _), params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = []
+                for p, g in zip(params, grads):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                    bufs.append(state["momentum_buffer"])
+                torch._foreach_lerp_(bufs, grads, 1 - mu)
+                updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+                ortho = orthogonalize(torch.stack(updates), group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                      self.cpu_ns_dtype)
+                if wd:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                scale = -lr * _lr_scale(group["adjust_lr_fn"], shape)
+                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(ortho.unbind(0), params)], alpha=scale)
         return loss
 
 
@@ -105,17 +114,20 @@ def _lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
 
 def orthogonalize(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
-    """Quintic Newton–Schulz: X ← aX + (bA + cA²)X, A = XXᵀ, on X = G/‖G‖_F (transposed when rows > cols)."""
+    """Quintic Newton–Schulz: X ← aX + (bA + cA²)X, A = XXᵀ, on X = G/‖G‖_F (transposed when rows > cols).
+
+    `g` is one matrix (R, C) or a stack of them (N, R, C), each normalized and iterated on its own."""
     a, b, c = coefficients
     x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mm = torch.baddbmm if x.dim() == 3 else torch.addmm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 def build_optimizers(model, cfg: BaseConfig, world_size: int = 1) -> list[torch.optim.Optimizer]:
@@ -148,9 +160,8 @@ def build_optimizers(model, cfg: BaseConfig, world_size: int = 1) -> list[torch.
         {"params": embedding, "lr": cfg.embedding_lr * scale, "initial_lr": cfg.embedding_lr * scale},
         {"params": head, "lr": cfg.unembedding_lr * scale, "initial_lr": cfg.unembedding_lr * scale},
     ]
-    fused = torch.cuda.is_available() and all(p.is_cuda for g in adam_groups for p in g["params"])
     adamw = torch.optim.AdamW(adam_groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=0.0,
-                              fused=True if fused else None)
+                              **_adamw_impl([p for g in adam_groups for p in g["params"]]))
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if matrices:
         muon = Muon(
@@ -160,6 +171,15 @@ def build_optimizers(model, cfg: BaseConfig, world_size: int = 1) -> list[torch.
         )
         optimizers.append(muon)
     return optimizers
+
+
+def _adamw_impl(params: list[torch.Tensor]) -> dict:
+    """fused where torch has the kernel for all the parameters (CUDA; CPU since torch 2.4; float types): one
+    kernel per step instead of a dozen elementwise passes; else foreach (one op over all tensors)."""
+    devices = {p.device.type for p in params}
+    if len(devices) == 1 and devices <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: BaseConfig) -> float:

@@ -27,7 +27,7 @@ from model.config import BaseConfig
 from model.errors import InputError
 from model.progress import progress
 from model.nn.gpt import GPT, GPTConfig
-from model.data.loader import TokenLoader, iter_eval_batches
+from model.data.loader import TokenLoader, default_threads, iter_eval_batches
 from model.nn.optim import build_optimizers, lr_multiplier, muon_momentum
 from model.data.tokenizer import Tokenizer
 
@@ -83,7 +83,7 @@ def train(spec: dict) -> dict:
     n_streams = streams(cfg, rt.world_size)
     mine = list(range(rt.rank, n_streams, rt.world_size))
     accum = len(mine)
-    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "base")
+    trainer = engine.make(model, optimizers, cfg, rt, accum, cfg.device_batch_size, "base", steps=steps)
 
     loop = {"curve": {"step": [], "train_loss": [], "lr_mult": []}, "evals": [], "samples": [], "ema": 0.0, "train_seconds": 0.0, "resumed_from": []}
     start_step, loader_states = 0, {}
@@ -98,9 +98,10 @@ def train(spec: dict) -> dict:
         if rt.main:
             print(f"base: resuming from {ckpt.name} (step {start_step} of {steps})", file=sys.stderr, flush=True)
     _check_row_groups(dataset_dir, n_streams)
+    threads = cfg.loader_threads or default_threads(len(mine))
     loaders = {
         s: TokenLoader(dataset_dir, "train", tok, cfg.device_batch_size, cfg.max_seq_len, rank=s, world_size=n_streams,
-                       state=loader_states.get(str(s)), threads=cfg.loader_threads, device=str(rt.device))
+                       state=loader_states.get(str(s)), threads=threads, device=str(rt.device))
         for s in mine
     }
     fwd = trainer.forward
@@ -113,11 +114,12 @@ def train(spec: dict) -> dict:
             states = {k: v for part in gathered for k, v in part.items()}
         trainer.save(wip, step, {"model": mcfg.to_dict(), "loaders": states, "loop": loop})
 
+    val = []
+
     def val_bpb() -> float:
-        batches = iter_eval_batches(dataset_dir, tok, cfg.device_batch_size, cfg.max_seq_len,
-                                   max_tokens=cfg.eval_tokens // rt.world_size, rank=rt.rank,
-                                   world_size=rt.world_size, device=str(rt.device))
-        return evaluate_bpb(fwd, batches, token_bytes, rt)
+        if not val:
+            val.extend(val_batches(dataset_dir, tok, cfg, rt))
+        return evaluate_bpb(fwd, val, token_bytes, rt)
 
     bar = progress(total=steps, initial=start_step, desc="base", unit="step", disable=not rt.main)
     tokens_per_step = cfg.total_batch_size
@@ -152,9 +154,9 @@ def train(spec: dict) -> dict:
             trainer.backward(loss)
             loss_sum += loss.detach()
         trainer.step()
-        train_loss = rt.all_reduce_sum(loss_sum).item() / n_streams
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
+        # the step's one host sync: the loss for the log, with the SIGTERM flag in the same all-reduce
+        summed, stopping = rt.all_reduce_sum(torch.stack([loss_sum.float(), stop.flag(rt.device)])).tolist()
+        train_loss = summed / n_streams
         dt = time.perf_counter() - t0
         step += 1
         loop["train_seconds"] += dt
@@ -168,9 +170,10 @@ def train(spec: dict) -> dict:
         tps = tokens_per_step / dt
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{loop['curve']['lr_mult'][-1]:.2f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
-        if stop.agreed(rt) or step % cfg.checkpoint_every == 0:
+        halt = stop.settle(stopping)
+        if halt or step % cfg.checkpoint_every == 0:
             save(step)
-            if stop.requested:
+            if halt:
                 bar.close()
                 print(f"base: SIGTERM: checkpoint at step {step}; rerun to resume", file=sys.stderr, flush=True)
                 runtime.shutdown(rt)
@@ -196,6 +199,14 @@ def train(spec: dict) -> dict:
                       {"curve.json": {"train": loop["curve"], "val": loop["evals"]}, "samples.json": loop["samples"]})
     runtime.shutdown(rt)
     return metrics
+
+
+def val_batches(dataset_dir: Path, tok: Tokenizer, cfg: BaseConfig, rt) -> list:
+    """This rank's val bpb batches, made once per run: every evaluation reads the same fixed pass
+    (iter_eval_batches), so reading and tokenizing it again at each one is waste."""
+    return list(iter_eval_batches(dataset_dir, tok, cfg.device_batch_size, cfg.max_seq_len,
+                                  max_tokens=cfg.eval_tokens // rt.world_size, rank=rt.rank,
+                                  world_size=rt.world_size, device=str(rt.device)))
 
 
 def _check_row_groups(dataset_dir: Path, n_streams: int) -> None:

@@ -122,6 +122,17 @@ class StopRequest:
     def _handler(self, *_):
         self.requested = True
 
+    def flag(self, device) -> torch.Tensor:
+        """This rank's request as a float tensor, to be summed over ranks with other per-step values."""
+        return torch.tensor(1.0 if self.requested else 0.0, device=device)
+
+    def settle(self, summed: float) -> bool:
+        """Whether to stop now, the same answer on every rank, from `flag` summed over ranks. A signal that
+        arrived after `flag` was read stays requested and is agreed on at the next step."""
+        if summed > 0:
+            self.requested = True
+        return summed > 0
+
     def agreed(self, rt) -> bool:
         """Whether any rank got SIGTERM, the same answer on every rank: the signal can reach the ranks on either side
         of a step boundary, and a checkpoint is a collective that all of them must enter at the same step."""

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from model.errors import InputError
 from model.nn import checkpoint
-from model.train import common
+from model.train import autocompile, common
 
 
 class TorchTrainer:
@@ -74,12 +75,18 @@ def check(cfg, stage: str) -> None:
         zero.load_config(cfg.zero_config, stage)
 
 
-def make(model, optimizers, cfg, rt, accum: int, micro_batch: int, stage: str):
+def make(model, optimizers, cfg, rt, accum: int, micro_batch: int, stage: str, steps: int | None = None):
     """The engine `cfg.engine` names, around `model` and the torch engine's `optimizers`. The model is compiled
-    when `cfg.compile` says so; left unset, on CUDA only (a stage without the field, sft, never compiles)."""
-    compile_model = getattr(cfg, "compile", False)
-    if compile_model is None:
-        compile_model = rt.device.type == "cuda"
+    when `cfg.compile` says so; left unset, when the `steps` planned repay the compile time (model/train/autocompile.py;
+    without `steps`, on CUDA only). A stage without the field (sft: variable shapes) never compiles."""
+    compile_model = False
+    if hasattr(cfg, "compile"):
+        tokens = accum * micro_batch * model.config.sequence_len
+        plan = autocompile.plan(cfg.compile, rt.device.type, torch.get_num_threads(), model.config.n_layer,
+                                model.flops_per_token(), tokens, steps)
+        compile_model = plan.on
+        if rt.main:
+            print(f"{stage}: {plan.line()}", file=sys.stderr, flush=True)
     if cfg.engine == "deepspeed":
         from model.train import zero
 

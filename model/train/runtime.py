@@ -81,9 +81,25 @@ def init(device: str = "auto") -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         dev = torch.device("cpu")
+        keep_freed_memory()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Runtime(rank, world, local, dev)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed blocks for reuse instead of returning them to the OS. Its default serves
+    blocks over 32 MB (a 4 × 512 × 4,096 fp32 logits tensor and its gradients) with a fresh mmap each time, so
+    every step page-faults them in again: measured 40% of an eager CPU step at depth 2 (system time). A no-op
+    where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GB come from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GB of freed heap
+    except (OSError, AttributeError):
+        pass
 
 
 def parse_config(cls, raw: dict, section: str):

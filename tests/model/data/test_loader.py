@@ -307,3 +307,27 @@ def test_cuda_batches_equal_cpu_batches(dataset, tok):
     gpu = _take(TokenLoader(dataset, "train", tok, 2, 16, device="cuda"), 5)
     assert all(x.is_cuda and y.is_cuda for x, y in gpu)
     assert _same(cpu, [(x.cpu(), y.cpu()) for x, y in gpu])
+
+
+def test_read_ahead_threads_follow_the_cores(monkeypatch):
+    from model.data import loader
+
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader.default_threads(2) == 1  # one core: one row group ahead per stream, no more
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert loader.default_threads(1) == 4 and loader.default_threads(8) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes share the 16 cores
+    assert loader.process_cores() == 2 and loader.default_threads(2) == 1
+
+
+def test_val_stream_equals_whole_row_groups_tokenized(dataset, tok):
+    """The eval stream tokenizes growing chunks of documents; the tokens are those of whole row groups."""
+    from model.data.loader import _doc_stream, _split_row_groups
+
+    groups, _ = _split_row_groups(dataset, "val")
+    expected = _stream(tok, _row_group_texts(dataset, "val"))
+    stream, got = _doc_stream(groups, tok), []
+    while sum(len(c) for c in got) < len(expected):
+        got.append(next(stream))
+    assert np.array_equal(np.concatenate(got)[: len(expected)], expected)

@@ -270,3 +270,30 @@ def test_muon_reference_would_catch_the_plausible_mistakes():
     assert (update - right).norm() / right.norm() < TOL
     for name, upd in wrong.items():
         assert (update - upd).norm() / upd.norm() > 2 * TOL, name
+
+
+def test_matrices_of_one_shape_step_together_as_each_alone():
+    """Our CPU Muon batches same-shape matrices (foreach momentum, batched Newton–Schulz): each matrix gets the
+    update a one-matrix optimizer gives it, including tall ones (transposed) and a group of mixed shapes."""
+    torch.manual_seed(0)
+    shapes = [(32, 32), (32, 32), (48, 16), (48, 16), (16, 48), (32, 32)]
+    together = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True, ns_coefficients=(A, B, C), eps=1e-7, ns_steps=5)
+    opt = Muon(together, **kw)
+    singles = [Muon([p], **kw) for p in alone]
+    for _ in range(3):
+        for p, q in zip(together, alone):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for o in singles:
+            o.step()
+    for p, q, o in zip(together, alone, singles):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], o.state[q]["momentum_buffer"])
+
+
+def test_adamw_is_fused_on_cpu():
+    opts = build_optimizers(tiny(), BaseConfig())
+    assert opts[0].defaults["fused"] is True
