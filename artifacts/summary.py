@@ -354,12 +354,16 @@ def run_summary(store: Store, run_id: str, *, hints: dict[str, str] | None = Non
 
     `store_arg`: the `--store` the user gave (repeated in the suggested commands); `until`/`not_run`: the
     `--until` stage and the stages it left out; `elapsed`: the run's end-to-end seconds, Prefect included."""
-    from .catalog import connect
+    from .catalog import open_catalog
 
-    con = connect(store)
-    runs = stage_runs(store, run_id, con)
-    # the totals are the run's triple as the catalog defines it (`runs`), the same figures the dashboard shows
-    triple = con.execute("SELECT stage_seconds, cost_usd, device_hours, saved_usd FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    catalog = open_catalog(store)  # the cached file: its refresh reads only what changed since it was last used
+    try:
+        runs = stage_runs(store, run_id, catalog.con)
+        # the totals are the run's triple as the catalog defines it (`runs`), the same figures the dashboard shows
+        triple = catalog.con.execute("SELECT stage_seconds, cost_usd, device_hours, saved_usd FROM runs WHERE run_id = ?",
+                                     [run_id]).fetchone()
+    finally:
+        catalog.close()
     stage_seconds, cost, device_hours, saved = triple or (0.0, 0.0, 0.0, 0.0)
     refs = store.refs()
     opt = f" --store {shlex.quote(store_arg)}" if store_arg else ""

@@ -34,11 +34,11 @@ def environment() -> dict:
     from .runner import code_version
 
     names = [re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0] for req in metadata.requires("chatforge") or []
-             if "extra ==" not in req] if _installed("chatforge") else []
+             if "extra ==" not in req] if _version("chatforge") else []
     packages = {}
     for name in [*names, *OPTIONAL_PACKAGES]:
-        if name and name not in packages and _installed(name):
-            packages[name] = metadata.version(name)
+        if name and name not in packages and (version := _version(name)):
+            packages[name] = version
     env = {"code": code_version(), "python": platform.python_version(), "platform": platform.platform(),
            "cpus": os.cpu_count(), "packages": packages, "gpus": _gpus()}
     try:
@@ -48,12 +48,12 @@ def environment() -> dict:
     return env
 
 
-def _installed(name: str) -> bool:
+def _version(name: str) -> str | None:
+    """The installed version, or None (one metadata lookup: each one scans sys.path)."""
     try:
-        metadata.version(name)
-        return True
+        return metadata.version(name)
     except metadata.PackageNotFoundError:
-        return False
+        return None
 
 
 def _gpus() -> list[str]:
