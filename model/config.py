@@ -487,10 +487,10 @@ class BaseEvalConfig(Section):
     max_per_task: int | None = Field(None, ge=1, le=MAX_ITEMS, description="Evaluate at most this many items per CORE task (a seed-1337 shuffle picks them); None: all.")
     bpb_tokens: int = Field(20 * 524_288, ge=1, le=MAX_TOKENS, description="Tokens of each split (train, val) for bits-per-byte.")
     batch_size: int = NotInKey(32, "Sequences per forward pass for bits-per-byte.", ge=1, le=MAX_BATCH)
-    core_batch_tokens: int = NotInKey(8192, (
-        "CORE: padded tokens (rows × width) per forward pass, over several items of equal padded width; "
-        "an item longer than this goes alone. Scores do not depend on it (model/evals/core_eval.py, Batching)."),
-        ge=1, le=MAX_TOKENS)
+    core_batch_tokens: int | None = NotInKey(None, (
+        "CORE: padded tokens (rows × width) per forward pass, over several items of equal padded width; an item "
+        "longer than this goes alone; None: 8192 on CUDA, one item per pass on CPU (compute-bound there). Scores do "
+        "not depend on it (model/evals/core_eval.py, Batching)."), ge=1, le=MAX_TOKENS)
     sample_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Tokens generated per fixed sample prompt.")
     nproc: int = NotInKey(1, "Processes (torchrun when > 1); items are split across ranks, results are identical.", ge=1, le=MAX_PROCS)
     device: Literal["auto", "cpu", "cuda"] = NotInKey("auto", "auto = CUDA if available.")

@@ -35,7 +35,8 @@ from model.data.loader import iter_eval_batches
 from model.train.base import samples
 
 
-def run_core(model, tok, evalset_dir: Path, max_per_task: int | None, rt: runtime.Runtime) -> dict:
+def run_core(model, tok, evalset_dir: Path, max_per_task: int | None, rt: runtime.Runtime,
+             batch_tokens: int | None = None) -> dict:
     """Every CORE task of the evalset artifact, items split over ranks; rows for missing tasks say so."""
     evalset_dir = Path(evalset_dir)
     yaml_path, csv_path = evalset_dir / "core.yaml", evalset_dir / "eval_meta_data.csv"
@@ -47,7 +48,7 @@ def run_core(model, tok, evalset_dir: Path, max_per_task: int | None, rt: runtim
                                    load_baselines(csv_path) if csv_path.exists() else None, tasks=tasks,
                                    rank=rt.rank, world_size=rt.world_size,
                                    reduce=rt.sum_across_ranks if rt.distributed else None,
-                                   progress=lambda n: bar.update(n * rt.world_size))
+                                   progress=lambda n: bar.update(n * rt.world_size), batch_tokens=batch_tokens)
     bar.close()
     for task in tasks:
         row = core["tasks"][task.label]
@@ -93,7 +94,7 @@ def evaluate(spec: dict) -> dict:
     model, tok = load_model(Path(spec["checkpoint_dir"]), rt.device)
     t0 = time.perf_counter()
     with rt.autocast():
-        core = run_core(model, tok, Path(spec["evalset_dir"]), cfg.max_per_task, rt)
+        core = run_core(model, tok, Path(spec["evalset_dir"]), cfg.max_per_task, rt, cfg.core_batch_tokens)
     core_seconds = time.perf_counter() - t0
 
     token_bytes = load_file(str(Path(spec["checkpoint_dir"]) / "tokenizer" / "token_bytes.safetensors"))["token_bytes"].long()

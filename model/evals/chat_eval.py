@@ -6,10 +6,14 @@ Every item becomes one user turn (`model.evals.chat_tasks` says how), rendered w
 Categorical tasks (``arc_easy``, ``arc_challenge``, ``mmlu``). The reply is the gold choice's letter. One
 forward pass over the prompt; the prediction is the argmax, at the last prompt position, over the logits
 of the item's letter tokens only (``A``, ``B``, … one per choice; each letter must encode to a single
-token, else InputError). Baseline: the mean of 1 / number of choices over the evaluated items.
+token, else InputError; the first of equal logits wins). Baseline: the mean of 1 / number of choices over
+the evaluated items. `ModelAnswerer` runs several items per right-padded pass, each padded to its own
+width (its length rounded up to CORE's `WIDTH_STEP`), so its logits are bitwise those it gets alone.
 
 Generative tasks (``gsm8k``, ``humaneval``, ``spellingbee``). Greedy decoding (temperature 0) with
-`model.chat.engine.Engine`, which runs the calculator tool, for at most `max_tokens` tokens; the reply is the
+`model.chat.engine.Engine`, which runs the calculator tool, for at most `max_tokens` tokens, `batch_size`
+prompts per `generate_batch` (with ordinary batched products: the engine's batch-invariant mode, which the
+server needs, costs evaluation a third of its speed; greedy replies equal at batch 1 and N in the tests); the reply is the
 decoded text before ``<|assistant_end|>``. GSM8K is correct when the number after the last ``####``
 equals the reference within 1e-6; SpellingBee when the reply's count equals the true count; HumanEval
 when the program built from the reply passes the task's tests in `model.evals.sandbox.run_program` (each
@@ -57,6 +61,7 @@ from model.evals.chat_tasks import (CATEGORICAL, GENERATIVE, LETTERS, TASK_NAMES
 from model.config import ChatEvalConfig
 from model.chat.conversation import render_for_completion
 from model.chat.engine import Engine
+from model.evals.core_eval import WIDTH_STEP
 from model.evals.core_tasks import NOT_RUN, eval_rows, select, suite_result
 from model.errors import InputError
 from model.progress import progress
@@ -109,36 +114,49 @@ class ModelAnswerer:
     def __init__(self, model, tok, batch_size: int = 8, progress: Callable[[int], None] | None = None):
         self.model, self.tok, self.batch_size = model.eval(), tok, max(1, batch_size)
         self.progress = progress or (lambda n: None)  # told how many prompts each finished batch held
-        self.engine = Engine(model, tok)
+        self.engine = Engine(model, tok, batch_invariant=False)
         self.sequence_len = int(model.config.sequence_len)
         self.stop_ids = {tok.special_id("<|assistant_end|>"), tok.bos_id}
 
-    def _batches(self, prompts: Sequence[Sequence[int]]) -> Iterable[list[int]]:
-        # similar lengths together waste less padding; results go back to their own index
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.batch_size):
-            yield order[start: start + self.batch_size]
+    def _batches(self, prompts: Sequence[Sequence[int]], width=lambda prompt: 0) -> Iterable[list[int]]:
+        # similar lengths together waste less padding; only equal `width`s share a batch (by default any
+        # prompts may); results go back to their own index
+        order = sorted(range(len(prompts)), key=lambda i: (width(prompts[i]), len(prompts[i]), i))
+        batch: list[int] = []
+        for i in order:
+            if batch and (len(batch) == self.batch_size or width(prompts[batch[0]]) != width(prompts[i])):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _width(self, prompt: Sequence[int]) -> int:
+        # torch's CPU attention rounds differently at different padded widths: a prompt's own width, not its
+        # batch's, keeps its logits bitwise the same in any batch (as CORE's padded_width)
+        n = min(len(prompt), self.sequence_len)
+        return min(-(-n // WIDTH_STEP) * WIDTH_STEP, self.sequence_len)
 
     @torch.inference_mode()
-    def choose(self, prompts: list[list[int]], letter_ids: list[list[int]]) -> list[int]:
-        from model.chat.engine import KVCache
-
+    def letter_logits(self, prompts: list[list[int]], letter_ids: list[list[int]]) -> list[list[float]]:
+        """Per prompt, the logits of its letters at its last position."""
         device = next(self.model.parameters()).device
-        out = [0] * len(prompts)
-        for rows in self._batches(prompts):
+        out: list[list[float]] = [[] for _ in prompts]
+        for rows in self._batches(prompts, self._width):
             seqs = [crop(prompts[i], self.sequence_len) for i in rows]
-            ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+            ids = torch.zeros(len(seqs), self._width(seqs[0]), dtype=torch.long)
             for b, s in enumerate(seqs):
                 ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-            # A causal pass over right-padded rows never lets padding reach a real token; the cached
-            # forward returns only each row's last-position logits instead of (B, T, vocab).
-            cache = KVCache(self.model.config.n_layer, len(seqs), ids.size(1), device)
-            last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-            logits = self.model.forward_cached(ids.to(device), cache, last=last)
+            # A causal pass over right-padded rows never lets padding reach a real token. The plain forward
+            # keeps every product at least `WIDTH_STEP` rows tall, so a batch of one takes the same kernels.
+            logits = self.model(ids.to(device))
             for b, i in enumerate(rows):
-                out[i] = int(logits[b, letter_ids[i]].argmax())
+                out[i] = logits[b, len(seqs[b]) - 1, letter_ids[i]].tolist()
             self.progress(len(rows))
         return out
+
+    def choose(self, prompts: list[list[int]], letter_ids: list[list[int]]) -> list[int]:
+        return [max(range(len(x)), key=x.__getitem__) for x in self.letter_logits(prompts, letter_ids)]
 
     def complete(self, prompts: list[list[int]], max_tokens: int) -> list[str]:
         budget = self.sequence_len - min(max_tokens, self.sequence_len // 2)

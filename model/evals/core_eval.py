@@ -37,9 +37,19 @@ GPT has a rotary table 10× its training length and is never cropped; ours refus
 ``sequence_len``, so at the 2,048-token presets only the rare longer prompts differ.
 
 Scorers. The task logic asks a `Scorer` for per-sequence mean losses (mc, schema) or a greedy-match
-boolean (lm). `ModelScorer` implements that with a `model.nn.gpt.GPT` (all sequences of one item in one
-padded forward pass); tests plug in test doubles (an oracle that always prefers gold, a uniform guesser).
-Queries carry ``gold`` only so that such doubles can exist; `ModelScorer` never reads it.
+boolean (lm). `ModelScorer` implements that with a `model.nn.gpt.GPT`; tests plug in test doubles (an
+oracle that always prefers gold, a uniform guesser). Queries carry ``gold`` only so that such doubles can
+exist; `ModelScorer` never reads it.
+
+Batching. `ModelScorer.results` scores several items in one right-padded causal forward pass, so a real
+token never sees padding. Each item's numbers must not depend on its batch: on CPU, torch's attention
+rounds differently at different padded widths (~1e-6), though not at different batch sizes. So an item's
+rows are padded to its own width, `padded_width` (its longest sequence rounded up to `WIDTH_STEP` tokens,
+at most the context), and only items of equal width share a forward pass; `evaluate_task` fills each pass
+up to `batch_tokens` rows × width (by default several items per pass on CUDA, one on CPU, where a small
+model is compute-bound already). Item by item or batched, an item's losses are then bitwise the same
+(tests/model/evals/test_core_batching.py); its mean loss is the sum over its padded row, divided by its
+count of scored tokens, as nanochat computes it.
 
 Baselines. Centered accuracy is ``(acc - b) / (1 - b)`` with ``b`` DCLM's published random baseline for
 the 22 tasks (a bundle's eval_meta_data.csv wins when present), derived from the items (100/choices,
@@ -164,39 +174,71 @@ class Scorer(Protocol):
         """Whether greedy decoding reproduces the (single) sequence's continuation exactly."""
 
 
+Result = list[float] | bool  # what a scorer answers for one query: mean losses (mc, schema) or a greedy match (lm)
+
+WIDTH_STEP = 64  # padded widths are multiples of this: few distinct widths, so full batches, little padding
+BATCH_TOKENS = 8192  # rows × width per forward pass on CUDA by default (logits: that many × vocab floats)
+# On CPU a tiny model is compute-bound already at one item per pass (measured: no gain from bigger passes,
+# a loss from cache misses), so there the default is one item per pass.
+CPU_BATCH_TOKENS = 1
+
+
+def padded_width(query: Query, max_len: int) -> int:
+    """The width an item's rows are padded to, whatever its batch: a function of the item alone."""
+    longest = max(len(s.tokens) for s in query.seqs)
+    return min(-(-longest // WIDTH_STEP) * WIDTH_STEP, max(max_len, longest))
+
+
 class ModelScorer:
-    """Scores with a GPT: the sequences of one query go through one right-padded forward pass."""
+    """Scores with a GPT: the sequences of one or more equal-width queries in one right-padded forward pass."""
 
     def __init__(self, model, device: str | torch.device = "cpu"):
         self.model, self.device = model, torch.device(device)
+        self.max_len = _sequence_len(model)
 
-    def _forward(self, seqs: Sequence[Seq]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits (B, T, V), targets (B, T) with -1 outside continuations, input ids (B, T))."""
-        T = max(len(s.tokens) for s in seqs)
-        ids = torch.zeros((len(seqs), T), dtype=torch.long)
-        targets = torch.full((len(seqs), T), -1, dtype=torch.long)
+    @torch.no_grad()
+    def results(self, queries: Sequence[Query]) -> list[Result]:
+        """Per query, its mean losses (mc, schema) or greedy match (lm); the queries must share `padded_width`."""
+        widths = {padded_width(q, self.max_len) for q in queries}
+        if len(widths) != 1:
+            raise ValueError(f"queries of one forward pass must share a padded width (got {sorted(widths)})")
+        seqs = [s for q in queries for s in (q.seqs[:1] if q.kind == LM else q.seqs)]
+        W = widths.pop()
+        ids = torch.zeros((len(seqs), W), dtype=torch.long)
+        targets = torch.full((len(seqs), W), -1, dtype=torch.long)
         for b, s in enumerate(seqs):
             toks = torch.tensor(s.tokens, dtype=torch.long)
             ids[b, : len(toks)] = toks
             # position p predicts token p + 1: the continuation tokens[start:] are predicted at start-1 .. L-2
             targets[b, s.start - 1: len(toks) - 1] = toks[s.start:]
         ids, targets = ids.to(self.device), targets.to(self.device)
-        with torch.no_grad():
-            logits = self.model(ids)
-        return logits, targets, ids
+        logits = self.model(ids)
+        mask = targets >= 0
+        # only scored positions need the softmax; per-row sums run over the whole padded row (zeros elsewhere),
+        # as the loss of one item alone was always computed
+        picked = logits[mask].float()
+        loss = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+        loss[mask] = torch.nn.functional.cross_entropy(picked, targets[mask], reduction="none")
+        means = (loss.sum(1) / mask.sum(1)).tolist()
+        hits = torch.zeros(mask.shape, dtype=torch.bool, device=logits.device)
+        hits[mask] = picked.argmax(-1) == targets[mask]
+        matched = (hits | ~mask).all(1).tolist()
+        out: list[Result] = []
+        row = 0
+        for q in queries:
+            if q.kind == LM:
+                out.append(bool(matched[row]))
+                row += 1
+            else:
+                out.append(means[row: row + len(q.seqs)])
+                row += len(q.seqs)
+        return out
 
     def mean_losses(self, query: Query) -> list[float]:
-        logits, targets, _ = self._forward(query.seqs)
-        B, T, V = logits.shape
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(-1),
-                                                 ignore_index=-1, reduction="none").view(B, T)
-        mask = targets >= 0
-        return (loss.sum(1) / mask.sum(1)).tolist()
+        return self.results([query])[0]
 
     def greedy_match(self, query: Query) -> bool:
-        logits, targets, _ = self._forward(query.seqs[:1])
-        mask = targets >= 0
-        return bool((logits.argmax(-1)[mask] == targets[mask]).all())
+        return self.results([query])[0]
 
 
 class OracleScorer:
@@ -234,17 +276,57 @@ def _sequence_len(model, default: int = 2048) -> int:
     return int(getattr(cfg, "sequence_len", default)) if cfg is not None else default
 
 
-def score_item(scorer: Scorer, query: Query) -> bool:
+def is_correct(query: Query, result: Result) -> bool:
     if query.kind == LM:
-        return bool(scorer.greedy_match(query))
-    losses = scorer.mean_losses(query)
-    return min(range(len(losses)), key=losses.__getitem__) == query.gold
+        return bool(result)
+    return min(range(len(result)), key=result.__getitem__) == query.gold
+
+
+def score_item(scorer: Scorer, query: Query) -> bool:
+    return is_correct(query, scorer.greedy_match(query) if query.kind == LM else scorer.mean_losses(query))
+
+
+def batches(queries: Sequence[Query], max_len: int, batch_tokens: int) -> list[list[int]]:
+    """Indices of `queries` grouped into forward passes: equal padded widths, at most `batch_tokens` rows ×
+    width each (a bigger item goes alone), in order of width then position."""
+    width = [padded_width(q, max_len) for q in queries]
+    rows = [1 if q.kind == LM else len(q.seqs) for q in queries]
+    out: list[list[int]] = []
+    used = 0
+    for i in sorted(range(len(queries)), key=lambda i: (width[i], i)):
+        if out and width[out[-1][-1]] == width[i] and used + rows[i] * width[i] <= batch_tokens:
+            out[-1].append(i)
+            used += rows[i] * width[i]
+        else:
+            out.append([i])
+            used = rows[i] * width[i]
+    return out
+
+
+def score_items(scorer: Scorer, queries: Sequence[Query], max_len: int, batch_tokens: int = BATCH_TOKENS,
+                progress=None) -> list[bool]:
+    """Whether each query is answered correctly; a scorer with `results` gets several items per call."""
+    if not hasattr(scorer, "results"):
+        out = []
+        for q in queries:
+            out.append(score_item(scorer, q))
+            if progress is not None:
+                progress(1)
+        return out
+    out = [False] * len(queries)
+    for group in batches(queries, max_len, batch_tokens):
+        for i, result in zip(group, scorer.results([queries[i] for i in group])):
+            out[i] = is_correct(queries[i], result)
+        if progress is not None:
+            progress(len(group))
+    return out
 
 
 def evaluate_task(model, tok, items: Sequence[dict], task: Task | str, device="cpu", max_items: int | None = None,
                   shuffle_seed: int = SHUFFLE_SEED, *, scorer: Scorer | None = None,
                   baseline: float | None = None, rank: int = 0, world_size: int = 1,
-                  reduce: Callable[[list[float]], list[float]] | None = None, progress=None) -> dict:
+                  reduce: Callable[[list[float]], list[float]] | None = None, progress=None,
+                  batch_tokens: int | None = None) -> dict:
     """Accuracy and centered accuracy of one task.
 
     The items are shuffled with ``random.Random(shuffle_seed)`` and cut to `max_items` (None: all); few-shot
@@ -252,7 +334,9 @@ def evaluate_task(model, tok, items: Sequence[dict], task: Task | str, device="c
     None). `baseline`: random baseline in percent; defaults to DCLM's for the 22 CORE tasks, else derived
     from the items. Several processes: rank r scores positions r, r+W, … and `reduce` (a sum over ranks)
     combines the counts, so every rank returns the single-process result. `progress`: called with the
-    number of items scored, as they are.
+    number of items scored, as they are. `batch_tokens`: rows × width per forward pass of a `ModelScorer`
+    (see Batching in the module doc; the result does not depend on it); None: `BATCH_TOKENS` on CUDA,
+    one item per pass on CPU.
     """
     task = TASKS_BY_LABEL[task] if isinstance(task, str) else task
     if not items:
@@ -262,11 +346,10 @@ def evaluate_task(model, tok, items: Sequence[dict], task: Task | str, device="c
     max_len = _sequence_len(model)
     if model is not None and hasattr(model, "eval"):
         model.eval()
-    correct = 0
-    for pos in range(rank, len(chosen), world_size):
-        correct += score_item(scorer, build_query(tok, task, chosen, pos, max_len))
-        if progress is not None:
-            progress(1)
+    queries = [build_query(tok, task, chosen, pos, max_len) for pos in range(rank, len(chosen), world_size)]
+    if batch_tokens is None:
+        batch_tokens = BATCH_TOKENS if torch.device(device).type == "cuda" else CPU_BATCH_TOKENS
+    correct = sum(score_items(scorer, queries, max_len, batch_tokens, progress))
     if reduce is not None:
         correct = int(round(reduce([float(correct)])[0]))
     if baseline is not None:
@@ -284,14 +367,15 @@ def evaluate_task(model, tok, items: Sequence[dict], task: Task | str, device="c
 def evaluate_core(model, tok, data_dir: str | Path, device="cpu", max_per_task: int | None = None,
                   baselines: dict[str, float] | None = None, *, scorer: Scorer | None = None,
                   tasks: Sequence[Task] = TASKS, rank: int = 0, world_size: int = 1,
-                  reduce: Callable[[list[float]], list[float]] | None = None, progress=None) -> dict:
+                  reduce: Callable[[list[float]], list[float]] | None = None, progress=None,
+                  batch_tokens: int | None = None) -> dict:
     """Run every CORE task whose data file exists in `data_dir`.
 
     Returns ``{"tasks": {label: row}, "aggregate": {"name", "value", "tasks", "missing"}, <name>: value}``;
     a missing task's row is ``{"status": "not run: data unavailable"}``; the aggregate is named ``"CORE"``
     only when all 22 tasks ran, else ``"CORE-<k> (partial)"``. `baselines` ({label: percent}, e.g. from
     `load_baselines`) override the default baselines (DCLM's, or derived from the data); `tasks`: e.g. a bundle's core.yaml
-    (`load_task_list`). `rank`, `world_size`, `reduce`, `progress`: as in `evaluate_task`, for every task.
+    (`load_task_list`). `rank`, `world_size`, `reduce`, `progress`, `batch_tokens`: as in `evaluate_task`, for every task.
     """
     scorer = scorer if scorer is not None else ModelScorer(model, device)
     rows: dict[str, dict] = {}
@@ -304,6 +388,6 @@ def evaluate_core(model, tok, data_dir: str | Path, device="cpu", max_per_task: 
         t0 = time.perf_counter()
         rows[task.label] = evaluate_task(model, tok, load_items(path), task, device, max_per_task, scorer=scorer,
                                          baseline=given, rank=rank, world_size=world_size, reduce=reduce,
-                                         progress=progress)
+                                         progress=progress, batch_tokens=batch_tokens)
         rows[task.label].update(file=str(path), seconds=round(time.perf_counter() - t0, 3))
     return suite_result(rows, aggregate_name)
