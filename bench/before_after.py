@@ -33,28 +33,45 @@ def register(name: str, argv: list[str], figures: dict[str, tuple[str, bool]]) -
     BENCHES[name] = (argv, figures)
 
 
-register("train", ["bench/train_profile.py", "--json"], {
-    "tokens_per_s": ("training tokens/s (d2, seq 512, 4,096-token batches)", True),
-    "outside_share": ("share of the base stage outside training steps", False),
+register("train", ["bench/train_profile.py", "--json", "--threads", "1", "--steps", "10"], {
+    "train_tokens_per_s": ("training tokens/s, 1 thread (d2, seq 512, 4,096-token steps)", True),
+    "train_tokens_per_cpu_s": ("training tokens per CPU second, 1 thread", True),
+})
+register("train_compiled", ["bench/train_profile.py", "--json", "--threads", "1", "--steps", "10", "--compile", "on"], {
+    "train_tokens_per_s": ("training tokens/s, 1 thread, compiled", True),
+    "train_tokens_per_cpu_s": ("training tokens per CPU second, 1 thread, compiled", True),
+})
+register("train_stage", ["bench/train_profile.py", "--json", "--stage", "--threads", "1", "--steps", "40",
+                         "--eval-every", "20"], {
+    "outside_pct": ("% of a base stage (40 steps) outside training steps", False),
+    "wall_s": ("base stage wall seconds", False),
 })
 register("decode", ["bench/engine_speed.py", "--json"], {
     "decode_b1": ("decode tokens/s, batch 1", True),
     "decode_b8": ("decode tokens/s, batch 8", True),
 })
 register("serve", ["bench/serve_load.py", "--json", "--clients", "64"], {
-    "tokens_per_s": ("server tokens/s, 64 streaming clients", True),
+    "tokens_per_s": ("server tokens/s, 64 streaming clients, 2 workers", True),
     "requests_per_s": ("server requests/s", True),
-    "ttft_p50": ("time to first token p50 (s)", False),
-    "ttft_p95": ("time to first token p95 (s)", False),
+    "ttft_p50_s": ("time to first token p50 (s)", False),
+    "ttft_p95_s": ("time to first token p95 (s)", False),
 })
 register("eval", ["bench/eval_speed.py", "--json"], {
     "core_items_per_s": ("CORE items/s", True),
     "categorical_items_per_s": ("chat categorical items/s", True),
     "generative_items_per_s": ("chat generative items/s", True),
 })
-register("startup", ["bench/startup.py", "--json"], {
-    "cached_run_s": ("cached tiny `chatforge run`, no server before (s)", False),
+register("startup", ["bench/startup.py", "--json", "--repeat", "2"], {
+    "median.no server": ("cached `chatforge run --until tokenizer`, no server before (s)", False),
+    "median.background": ("the same, a later run (s)", False),
 })
+
+
+def figure(result: dict, key: str):
+    """`key` in the script's JSON; a dotted key looks into nested objects."""
+    for part in key.split("."):
+        result = result.get(part) if isinstance(result, dict) else None
+    return result
 
 
 def unpack(ref: str) -> Path:
@@ -104,7 +121,7 @@ def main() -> int:
     names = args.only or list(BENCHES)
     if args.list:
         for name in names:
-            print(f"{name:<8} python {' '.join(BENCHES[name][0])}")
+            print(f"{name:<15} python {' '.join(BENCHES[name][0])}")
         return 0
     old = unpack(args.before)
     print(f"before: {args.before} ({old})   after: this checkout ({ROOT})")
@@ -117,7 +134,7 @@ def main() -> int:
             if "error" in result:
                 print(f"  {name} {side}: {result['error']}")
         for key, (label, _higher) in figures.items():
-            a, b = (s.get(key) for s in sides)
+            a, b = (figure(s, key) for s in sides)
             ratio = f"{b / a:.2f}×" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "—"
             print(f"{label:<52} {show(a):>10} {show(b):>10} {ratio:>13}")
         print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)

@@ -16,6 +16,7 @@ every run decodes exactly --decode-tokens tokens per row. bf16 autocast on CUDA,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--baseline-tokens", type=int, default=16, help="tokens for the no-cache baseline (0: skip it)")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (decode_bN, prefill_bN tokens/s) instead of the table")
     args = ap.parse_args()
 
     if args.threads:
@@ -103,19 +106,23 @@ def main() -> None:
     def prompts(batch: int) -> list[list[int]]:
         return torch.randint(0, args.vocab, (batch, args.prompt_len), generator=gen).tolist()
 
-    print(f"device: {rt.device_name()}  threads {torch.get_num_threads()}  depth {cfg.n_layer}  width {cfg.n_embd}  "
+    figures: dict[str, float] = {}
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"device: {rt.device_name()}  threads {torch.get_num_threads()}  depth {cfg.n_layer}  width {cfg.n_embd}  "
           f"heads {cfg.n_head}/{cfg.n_kv_head} kv  vocab {cfg.vocab_size}  params {model.num_params():,}")
-    print(f"prompt {args.prompt_len} tokens, {args.decode_tokens} decoded tokens per row, best of {args.repeats}")
-    print(f"{'':<22} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>9}")
+    say(f"prompt {args.prompt_len} tokens, {args.decode_tokens} decoded tokens per row, best of {args.repeats}")
+    say(f"{'':<22} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>9}")
     run_engine(engine, prompts(1), 4, rt)  # warm-up (allocator, kernels)
     for batch in args.batches:
         runs = [run_engine(engine, prompts(batch), args.decode_tokens, rt) for _ in range(args.repeats)]
         prefill = min(r[0] for r in runs)
         decode = min(r[1] for r in runs)
         steps = args.decode_tokens - 1
-        print(f"{'engine (KV cache)':<22} {batch:>5} {batch * args.prompt_len / prefill:>14,.0f} "
+        figures[f"decode_b{batch}"] = batch * steps / decode
+        figures[f"prefill_b{batch}"] = batch * args.prompt_len / prefill
+        say(f"{'engine (KV cache)':<22} {batch:>5} {batch * args.prompt_len / prefill:>14,.0f} "
               f"{batch * steps / decode:>13,.0f} {1000 * decode / steps:>9.2f}", flush=True)
-    if args.baseline_tokens > 0:
+    if args.baseline_tokens > 0 and not args.json:
         prompt = prompts(1)[0]
         sync(rt.device)
         t0 = time.perf_counter()
@@ -124,6 +131,8 @@ def main() -> None:
         sync(rt.device)
         dt = time.perf_counter() - t0
         print(f"{'no cache (GPT.generate)':<22} {1:>5} {'':>14} {n / dt:>13,.0f} {1000 * dt / n:>9.2f}")
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
 
 
 if __name__ == "__main__":
