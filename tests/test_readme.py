@@ -425,8 +425,8 @@ def check_show_base_eval(r: Readme, command: str, monkeypatch) -> None:
 
 
 def check_eval_speed(r: Readme, command: str, monkeypatch) -> None:
-    """A minimal run on the tiny store (--items 2 --batch 2 --max-new-tokens 4 appended: the defaults take minutes)."""
-    out = r.sh(f"{command} --items 2 --batch 2 --max-new-tokens 4").stdout
+    """A minimal run on the tiny store (--items 2 --gen-items 2 --batch 2 --max-new-tokens 4 appended: the defaults take minutes)."""
+    out = r.sh(f"{command} --items 2 --gen-items 2 --batch 2 --max-new-tokens 4").stdout
     assert re.search(r"^chat mmlu \(categorical\), batch 2\s+2\s+[\d.]+\s+[\d.]+$", out, re.M), out
     assert re.search(r"^chat gsm8k \(generative, 4 new tokens\), batch 2\s+2\s+[\d.]+\s+[\d.]+$", out, re.M), out
 
