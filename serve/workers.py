@@ -127,14 +127,14 @@ class _Worker:
 
     def __init__(self, index: int, device: str, artifact_dir: Path, pool: "WorkerPool", engine_factory,
                  batch_size: int):
-        from model.chat.batching import make_batcher
+        from model.chat.batching import Batcher
         from model.chat.engine import Engine
         from model.nn.load import load_model
 
         self.index, self.device, self.pool = index, device, pool
         self.model, self.tok = load_model(artifact_dir, device)
         self.engine = (engine_factory or Engine)(self.model, self.tok)
-        self.batcher = make_batcher(self.engine, batch_size)
+        self.batcher = Batcher(self.engine, batch_size)
         self.end_ids = {self.tok.special_id("<|assistant_end|>"), self.tok.bos_id}
         self.running: dict[int, tuple] = {}  # id(request) -> (request, _Running); read by status() and close()
         self._outbox: list[tuple[Job, tuple]] = []
@@ -216,9 +216,6 @@ class _Worker:
 
     def _deliver(self, out) -> None:
         request, run = self.running[id(out.request)]
-        if out.error is not None:
-            self._fail(request, out.error)
-            return
         if out.token is not None:
             run.produced += 1
             if out.token in self.end_ids:

@@ -193,3 +193,66 @@ def kill_9_when(path: Path, proc, timeout: float = 300) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
+
+
+def patched_engine(model, tok, *, delay: float = 0.0, force: str | None = None, no_end: bool = False,
+                   fail: str | None = None):
+    """The real `model.chat.engine.Engine` over `model` with its `forward_cached` changed: `delay` seconds per call,
+    always the first token of `force`, never an end token (`no_end`), or RuntimeError(`fail`) at every decoding
+    step after the prefill. The server then runs its real batcher over a model whose behaviour a test can time."""
+    from model.chat.engine import Engine
+
+    forward = model.forward_cached
+    forced = tok.encode(force)[0] if force else None
+    ends = [tok.special_id("<|assistant_end|>"), tok.bos_id]
+
+    def patched(idx, kv_cache, last=None):
+        time.sleep(delay)
+        if fail and last is None:  # the prefill passes `last`; decoding steps do not
+            raise RuntimeError(fail)
+        logits = forward(idx, kv_cache, last)
+        if forced is not None:
+            logits[:] = float("-inf")
+            logits[:, forced] = 0.0
+        if no_end:
+            logits[:, ends] = float("-inf")
+        return logits
+
+    model.forward_cached = patched
+    return Engine(model, tok)
+
+
+def opinionated_gpt(vocab: int, seq: int, *, n_layer: int = 2, n_head: int = 4, n_kv_head: int | None = None,
+                    n_embd: int = 64, std: float = 0.3, seed: int = 0):
+    """A GPT at random init whose zero-initialised head and output projections get normal(0, std) weights too
+    (otherwise every logit is 0 and every choice ties), in eval mode: for tests of inference and scoring."""
+    import torch
+
+    from model.nn.gpt import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head or n_head,
+                          n_embd=n_embd, sequence_len=seq))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
+                p.normal_(0, std)
+    return model.eval()
+
+
+def script_logits(monkeypatch, model, chain: dict[int, int]) -> None:
+    """Make a model follow a Markov chain `previous token -> next token`: wraps its real `forward_cached` (the
+    cache path still runs) and raises the chain's next token to logit 100 (the model's own are capped at ±15)."""
+    import torch
+
+    original = model.forward_cached
+
+    def scripted(idx, kv_cache, last=None):
+        logits = original(idx, kv_cache, last)
+        prev = idx[:, -1] if last is None else idx[torch.arange(idx.size(0)), last]
+        for r, p in enumerate(prev.tolist()):
+            if p in chain:
+                logits[r, chain[p]] = 100.0
+        return logits
+
+    monkeypatch.setattr(model, "forward_cached", scripted)

@@ -13,15 +13,11 @@ the other rows, so a request gets exactly the tokens `Engine.generate([prompt], 
 top_k, seed)` gives it alone, whoever shares its batch and whenever it joined. Without batch invariance
 (CUDA) the tokens follow the same rules but rounding may differ with the batch size.
 
-`GenerateBatcher` gives the same interface over an engine that only has `generate` (the server's test
-stand-ins): each request runs its own generator, one step per `step`.
-
 Not thread-safe: one thread (the server's worker) owns a batcher.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -35,19 +31,16 @@ class Request:
     temperature: float = 1.0
     top_k: int | None = None
     seed: int = 42
-    tag: Any = None  # the caller's handle, passed back in every Output
 
 
 @dataclass
 class Output:
-    """One step of one request: its token and mask (None when it ended without one), whether it has ended,
-    and the error that ended it, if any."""
+    """One step of one request: its token and mask (None when it ended without one) and whether it has ended."""
 
     request: Request
     token: int | None
     mask: int | None
     done: bool
-    error: BaseException | None = None
 
 
 @dataclass
@@ -140,64 +133,3 @@ class Batcher:
         if rows:
             order = self.cache.remove_rows(rows)
             self.slots = [self.slots[j] for j in order]
-
-
-class GenerateBatcher:
-    """The `Batcher` interface over `engine.generate`, one generator per request (no shared forward pass)."""
-
-    def __init__(self, engine, max_batch: int = 32):
-        self.engine, self.max_batch = engine, max_batch
-        self._runs: dict[int, tuple[Request, Any, list[int]]] = {}
-
-    @property
-    def active(self) -> int:
-        return len(self._runs)
-
-    @property
-    def free(self) -> int:
-        return self.max_batch - len(self._runs)
-
-    def add(self, request: Request) -> Output:
-        r = request
-        steps = self.engine.generate([r.prompt], max_tokens=r.max_tokens, temperature=r.temperature,
-                                     top_k=r.top_k, seed=r.seed, num_samples=1)
-        self._runs[id(r)] = (r, steps, [0])
-        return self._next(id(r))
-
-    def step(self) -> list[Output]:
-        return [self._next(key) for key in list(self._runs)]
-
-    def remove(self, request: Request) -> bool:
-        run = self._runs.pop(id(request), None)
-        if run is not None:
-            getattr(run[1], "close", lambda: None)()
-        return run is not None
-
-    def clear(self) -> list[Request]:
-        dropped = [run[0] for run in self._runs.values()]
-        for r in dropped:
-            self.remove(r)
-        return dropped
-
-    def _next(self, key: int) -> Output:
-        r, steps, produced = self._runs[key]
-        try:
-            row = next(steps)[0]
-        except StopIteration:
-            row = None
-        except Exception as e:  # noqa: BLE001 - one request's failure ends that request only
-            self.remove(r)
-            return Output(r, None, None, True, e)
-        if row is None:
-            self.remove(r)
-            return Output(r, None, None, True)
-        produced[0] += 1
-        done = produced[0] >= r.max_tokens  # a stop token is the caller's to notice: it calls `remove`
-        if done:
-            self.remove(r)
-        return Output(r, row[0], row[1], done)
-
-
-def make_batcher(engine, max_batch: int = 32):
-    """A `Batcher` for an `Engine`, a `GenerateBatcher` for anything else with `generate`."""
-    return Batcher(engine, max_batch) if isinstance(engine, Engine) else GenerateBatcher(engine, max_batch)

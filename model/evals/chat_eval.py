@@ -61,7 +61,7 @@ from model.evals.chat_tasks import (CATEGORICAL, GENERATIVE, LETTERS, TASK_NAMES
 from model.config import ChatEvalConfig
 from model.chat.conversation import render_for_completion
 from model.chat.engine import Engine
-from model.evals.core_eval import WIDTH_STEP
+from model.evals.core_eval import WIDTH_STEP, own_width
 from model.evals.core_tasks import NOT_RUN, eval_rows, select, suite_result
 from model.errors import InputError
 from model.progress import progress
@@ -132,10 +132,8 @@ class ModelAnswerer:
             yield batch
 
     def _width(self, prompt: Sequence[int]) -> int:
-        # torch's CPU attention rounds differently at different padded widths: a prompt's own width, not its
-        # batch's, keeps its logits bitwise the same in any batch (as CORE's padded_width)
-        n = min(len(prompt), self.sequence_len)
-        return min(-(-n // WIDTH_STEP) * WIDTH_STEP, self.sequence_len)
+        # the prompt's own width, not its batch's (core_eval.own_width): its logits stay bitwise the same
+        return own_width(min(len(prompt), self.sequence_len), self.sequence_len)
 
     @torch.inference_mode()
     def letter_logits(self, prompts: list[list[int]], letter_ids: list[list[int]]) -> list[list[float]]:

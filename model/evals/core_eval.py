@@ -183,10 +183,16 @@ BATCH_TOKENS = 8192  # rows × width per forward pass on CUDA by default (logits
 CPU_BATCH_TOKENS = 1
 
 
+def own_width(length: int, cap: int) -> int:
+    """The width a sequence of `length` tokens is padded to, whatever its batch: `length` rounded up to
+    `WIDTH_STEP`, at most max(cap, length). torch's CPU attention rounds differently at different padded widths,
+    so a width that depends on the item alone keeps its numbers bitwise the same in any batch."""
+    return min(-(-length // WIDTH_STEP) * WIDTH_STEP, max(cap, length))
+
+
 def padded_width(query: Query, max_len: int) -> int:
-    """The width an item's rows are padded to, whatever its batch: a function of the item alone."""
-    longest = max(len(s.tokens) for s in query.seqs)
-    return min(-(-longest // WIDTH_STEP) * WIDTH_STEP, max(max_len, longest))
+    """The width an item's rows are padded to: `own_width` of its longest sequence."""
+    return own_width(max(len(s.tokens) for s in query.seqs), max_len)
 
 
 class ModelScorer:

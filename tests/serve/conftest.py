@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, patched_engine
 
 
 
@@ -49,17 +49,10 @@ def start_server():
     return ServerThread
 
 
-class SlowEngine:
-    """Stands in for `model.chat.engine.Engine`: writes 'a' forever, 20 tokens a second, so that a reply is long
-    enough to watch it stream and to cut it off."""
-
-    def __init__(self, model, tok):
-        self.token = tok.encode("a")[0]
-
-    def generate(self, prompts, max_tokens, temperature=1.0, top_k=None, seed=42, num_samples=1):
-        for _ in range(max_tokens):
-            time.sleep(0.05)
-            yield [(self.token, 1)]
+def SlowEngine(model, tok):
+    """Writes 'a' until the context is full, 10 tokens a second: a reply long enough to watch it stream and to
+    cut it off."""
+    return patched_engine(model, tok, delay=0.1, force="a")
 
 
 @pytest.fixture(scope="session")

@@ -287,15 +287,11 @@ def test_client_disconnect_stops_generation(slow_server):
     assert pool.stats["cancelled"] == 3 and pool.status()["busy"] == 0
 
 
-class FailingEngine:
+def FailingEngine(model, tok):
     """Writes one token, then fails like a model that ran out of memory."""
+    from helpers import patched_engine
 
-    def __init__(self, model, tok):
-        self.token = tok.encode("b")[0]
-
-    def generate(self, prompts, max_tokens, **kw):
-        yield [(self.token, 1)]
-        raise RuntimeError("CUDA out of memory (pretend)\nsecond line")
+    return patched_engine(model, tok, force="b", fail="CUDA out of memory (pretend)\nsecond line")
 
 
 def test_a_failing_generation_answers_500_and_the_worker_carries_on(tiny_checkpoint, start_server):

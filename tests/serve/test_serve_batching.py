@@ -60,23 +60,11 @@ def test_concurrent_requests_each_get_their_solo_tokens(server, solo):
     assert len({text for text, _ in got}) > 4  # different settings and seeds, different replies
 
 
-class SlowedEngine:
+def SlowedEngine(model, tok):
     """The real engine, 30 ms per forward pass and never choosing an end token, so replies last and overlap."""
+    from helpers import patched_engine
 
-    def __new__(cls, model, tok):
-        from model.chat.engine import Engine
-
-        forward = model.forward_cached
-        ends = [tok.special_id("<|assistant_end|>"), tok.bos_id]
-
-        def slowed(idx, kv_cache, last=None):
-            time.sleep(0.03)
-            logits = forward(idx, kv_cache, last)
-            logits[:, ends] = float("-inf")
-            return logits
-
-        model.forward_cached = slowed
-        return Engine(model, tok)
+    return patched_engine(model, tok, delay=0.03, no_end=True)
 
 
 def test_a_client_that_hangs_up_mid_batch_frees_its_row(tiny_checkpoint, start_server):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import small_bpe
+from helpers import opinionated_gpt, script_logits, small_bpe
 from model.chat.batching import Batcher, Request
 from model.chat.engine import Engine, KVCache
 from model.errors import InputError
-from model.nn.gpt import GPT, GPTConfig
+from model.nn.gpt import GPT
 
 SEQ = 48
 TEXT = "Hello world, the quick brown fox. What is 1+2? 12*7=84. café."
@@ -21,13 +21,7 @@ def tok():
 
 
 def make_model(vocab: int, n_kv_head: int = 2) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64, sequence_len=SEQ))
-    with torch.no_grad():  # zero-initialised head and projections would make every logit 0
-        for name, p in model.named_parameters():
-            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
-                p.normal_(0, 0.3)
-    return model.eval()
+    return opinionated_gpt(vocab, SEQ, n_kv_head=n_kv_head)
 
 
 def requests_of(tok) -> list[Request]:
@@ -125,17 +119,7 @@ def test_tool_use_in_a_batch_matches_solo(tok, monkeypatch):
     path = [sp("<|assistant_start|>"), sp("<|python_start|>"), *tok.encode("1+2"), sp("<|python_end|>")]
     chain = dict(zip(path, path[1:]))
     chain[sp("<|output_end|>")] = sp("<|assistant_end|>")
-    original = model.forward_cached
-
-    def scripted(idx, kv_cache, last=None):  # the model "calls the calculator" after <|assistant_start|>
-        logits = original(idx, kv_cache, last)
-        prev = idx[:, -1] if last is None else idx[torch.arange(idx.size(0)), last]
-        for r, p in enumerate(prev.tolist()):
-            if p in chain:
-                logits[r, chain[p]] = 100.0
-        return logits
-
-    monkeypatch.setattr(model, "forward_cached", scripted)
+    script_logits(monkeypatch, model, chain)  # the model "calls the calculator" after <|assistant_start|>
     engine = Engine(model, tok)
     requests = [Request([tok.bos_id] + tok.encode("What is 1+2?") + [sp("<|assistant_start|>")], 20, 1.0, None, 3),
                 Request([tok.bos_id, 200], 20, 1.0, None, 4)]

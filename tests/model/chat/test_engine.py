@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import small_bpe
+from helpers import opinionated_gpt, script_logits as script, small_bpe
 from model.config import SPECIAL_TOKENS
 from model.chat.engine import Engine, KVCache
 from model.errors import InputError
-from model.nn.gpt import GPT, GPTConfig
+from model.nn.gpt import GPT
 from model.chat.streaming import TextStream
 from model.data.tokenizer import Tokenizer
 
@@ -31,13 +31,7 @@ def tok() -> Tokenizer:
 
 
 def make_model(vocab: int, n_kv_head: int = 4, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64, sequence_len=SEQ))
-    with torch.no_grad():  # zero-initialised head and projections would make every logit 0
-        for name, p in model.named_parameters():
-            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
-                p.normal_(0, 0.3)
-    return model.eval()
+    return opinionated_gpt(vocab, SEQ, n_kv_head=n_kv_head, seed=seed)
 
 
 @torch.no_grad()
@@ -59,20 +53,6 @@ def prompts_of(tok: Tokenizer) -> list[list[int]]:
             [bos] + tok.encode("What is 1+2? the quick brown fox, 日本語") + [a],
             [bos, 200],
             [bos] + tok.encode("café 🙂")]
-
-
-def script(monkeypatch, model: GPT, chain: dict[int, int]) -> None:
-    original = model.forward_cached
-
-    def scripted(idx, kv_cache, last=None):
-        logits = original(idx, kv_cache, last)
-        prev = idx[:, -1] if last is None else idx[torch.arange(idx.size(0)), last]
-        for r, p in enumerate(prev.tolist()):
-            if p in chain:
-                logits[r, chain[p]] = 100.0
-        return logits
-
-    monkeypatch.setattr(model, "forward_cached", scripted)
 
 
 def steps_of(engine: Engine, *args, **kwargs) -> list[list]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import shared_data, small_bpe
+from helpers import opinionated_gpt, shared_data, small_bpe
 from model.evals import chat_eval as ev
-from model.nn.gpt import GPT, GPTConfig
+from model.nn.gpt import GPT
 
 TEXT = ("What is the capital of France? A. Paris B. Rome C. Madrid D. Berlin. Reply with the letter. "
         "Janet has 16 eggs and eats 3, so 16 - 3 = 13. #### 13 ") * 3
@@ -19,13 +19,7 @@ def tok():
 
 
 def tiny_gpt(vocab: int, seq: int) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, sequence_len=seq))
-    with torch.no_grad():  # zero-init head/projections give all-equal logits; make the model opinionated
-        for name, p in model.named_parameters():
-            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
-                p.normal_(0, 1.0)
-    return model.eval()
+    return opinionated_gpt(vocab, seq, n_head=2, n_embd=32, std=1.0)
 
 
 def mc_items(n: int) -> list[dict]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import shared_data
+from helpers import opinionated_gpt, shared_data
 from model.evals import core_eval as ce
 from model.evals import core_tasks as ct
-from model.nn.gpt import GPT, GPTConfig
+from model.nn.gpt import GPT
 
 VOCAB = 300
 BOS = 256
@@ -26,13 +26,7 @@ class ByteTok:
 
 
 def tiny_gpt(seq: int, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, sequence_len=seq))
-    with torch.no_grad():  # zero-init head/projections give all-equal logits; make the model opinionated
-        for name, p in model.named_parameters():
-            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
-                p.normal_(0, 0.5)
-    return model.eval()
+    return opinionated_gpt(VOCAB, seq, n_head=2, n_embd=32, std=0.5, seed=seed)
 
 
 class LegacyScorer:

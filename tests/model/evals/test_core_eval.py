@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import shared_data, small_bpe
+from helpers import opinionated_gpt, shared_data, small_bpe
 from model.evals import core_eval as ce
 from model.evals import core_tasks as ct
-from model.nn.gpt import GPT, GPTConfig
+from model.nn.gpt import GPT
 from model.data.tokenizer import Tokenizer
 
 SHARED_18 = ["jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa", "commonsense_qa", "piqa",
@@ -63,13 +63,7 @@ class KeywordScorer:
 
 
 def tiny_gpt(vocab: int, seq: int = 64, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=seq))
-    with torch.no_grad():  # zero-init head/projections give all-equal logits; make the model opinionated
-        for name, p in model.named_parameters():
-            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
-                p.normal_(0, 0.5)
-    return model.eval()
+    return opinionated_gpt(vocab, seq, n_layer=1, n_head=2, n_embd=32, std=0.5, seed=seed)
 
 
 # ---------------------------------------------------------------- the task table

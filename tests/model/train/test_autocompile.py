@@ -1,4 +1,5 @@
-"""The compile decision: explicit settings win, short runs stay eager, long runs compile, resumes agree."""
+"""The compile decision: explicit settings win, short runs stay eager, long runs compile (that a resume decides
+from the planned total: tests/model/train/test_train_base.py)."""
 from __future__ import annotations
 
 from model.train import autocompile
@@ -18,13 +19,6 @@ def test_short_runs_stay_eager_and_long_runs_compile():
     assert not short.on and long.on
     assert short.line().startswith("compile: off (est.") and "does not pay back" in short.line()
     assert long.line().startswith("compile: on (est.") and "over 100000 steps" in long.line()
-
-
-def test_the_decision_uses_the_plan_only():
-    """The planned total (not the steps left) and the config: a resumed run decides as the first one did."""
-    a = autocompile.plan(None, "cpu", 2, steps=5000, **D2)
-    b = autocompile.plan(None, "cpu", 2, steps=5000, **D2)
-    assert a == b
 
 
 def test_without_a_step_count_only_cuda_compiles():

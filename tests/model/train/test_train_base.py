@@ -89,6 +89,7 @@ def test_resume_after_kill_9_equals_uninterrupted(inputs, tmp_path):
     r = run_entry(resumed)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from step-000000" in r.stderr
+    assert "compile: off (est." in r.stderr and "over 40 steps" in r.stderr  # the planned total decides, not the steps left
     a, b = curve(straight), curve(resumed)
     assert a["train"]["step"] == b["train"]["step"] == list(range(1, 41))
     assert a["train"]["train_loss"] == b["train"]["train_loss"]  # the same loss at every step, exactly
