@@ -100,23 +100,26 @@ def pull(ref: str, store: Store) -> str:
 
 def push(ref: str, target: str, store: Store, private: bool = False) -> str:
     """Upload an artifact (files + manifest) to `hf://org/repo`; returns the commit URL."""
-    hf = parse_hf(target)
-    if hf is None:
-        raise StoreError(f"push target {target!r} must look like hf://org/repo")
-    repo, rev = hf
     key = store.resolve(ref)
     problems = store.verify(key)
     if problems:
         raise ArtifactCorrupt(f"refusing to push corrupt artifact {key[:12]}: {problems[0]}")
-    folder = store.local_path(key)
+    return upload(store.local_path(key), target, f"chatforge artifact {key[:12]}", private)
+
+
+def upload(folder: Path, target: str, message: str, private: bool = False) -> str:
+    """Upload a local directory as the model repo `hf://org/repo[@rev]` (created when missing); the commit URL."""
+    hf = parse_hf(target)
+    if hf is None:
+        raise StoreError(f"push target {target!r} must look like hf://org/repo")
+    repo, rev = hf
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
         api.create_repo(repo, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(folder), revision=rev,
-                                 commit_message=f"chatforge artifact {key[:12]}")
+        info = api.upload_folder(repo_id=repo, folder_path=str(folder), revision=rev, commit_message=message)
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise StoreError(f"could not push to {target} ({type(e).__name__}): check HF_TOKEN (write access) and network access") from None
     return str(getattr(info, "commit_url", info))

@@ -54,12 +54,21 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", metavar="STAGE", action="append", default=[], help="recompute this stage even if cached (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached, run nothing")
 
-    stage = sub.add_parser("stage", help="run one stage, its inputs resolved from the store (e.g. to rerun a failed stage)")
+    stage_help = ("run one stage, its inputs resolved from the store (e.g. to rerun a failed stage), or taken from given "
+                  "artifacts (--input): e.g. mid from an imported base checkpoint")
+    stage = sub.add_parser("stage", help=stage_help, description=stage_help[0].upper() + stage_help[1:] + ".",
+                           epilog="e.g. `chatforge stage mid --input base=import/karpathy--nanochat-d32`, "
+                           "`chatforge stage chat_eval_sft --input sft=KEY`: the stage's key, and the parents in its "
+                           "manifest, then derive from the artifact given.")
     stage.add_argument("name", help="stage name (see `chatforge run --dry-run`)")
     _config_args(stage)
     _prices_arg(stage)
     stage.add_argument("--run", dest="run_id", help="reuse the config of this earlier run (its id from the ledger / Prefect)")
     stage.add_argument("--force", action="store_true", help="recompute even if cached")
+    stage.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=REF",
+                       help="read input NAME (one of the stage's inputs, e.g. base for mid) from this artifact instead of "
+                       "the one the config plans: a ref (import/NAME, base/latest), a key or unique key prefix, or "
+                       "hf://org/repo[@rev] (pulled); it must be of the kind NAME's stage makes (repeatable)")
 
     chat = sub.add_parser("chat", help="chat with a checkpoint in the terminal (streaming)")
     chat.add_argument("--model", default=None, help="a ref (sft/latest, base/latest), a key, or hf://org/repo[@rev] "
@@ -145,9 +154,29 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("ref", help="ref or key to push")
     push.add_argument("target", help="hf://org/repo[@revision]")
     push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--format", choices=("store", "transformers"), default="store",
+                      help="store: the artifact's files and manifest, for `chatforge artifacts pull` (default); "
+                      "transformers: a checkpoint as the nanochat model `chatforge export` writes, for "
+                      "AutoModelForCausalLM.from_pretrained('org/repo')")
     q = asub.add_parser("query", parents=[store_opt], help="run SQL on the DuckDB catalog (tables: runs, stage_runs, "
                         "artifacts, run_info, evals, skipped)")
     q.add_argument("sql")
+
+    exp_help = ("write a checkpoint as a Hugging Face transformers `nanochat` model: config.json, model.safetensors, "
+                "tokenizer, chat template, generation config and a model card from its lineage; "
+                "AutoModelForCausalLM.from_pretrained(OUT_DIR) loads it with no remote code")
+    export = sub.add_parser("export", parents=[store_opt], help=exp_help, description=exp_help[0].upper() + exp_help[1:] + ".")
+    export.add_argument("ref", help="the checkpoint: a ref (sft/latest, base/latest), a key, or hf://org/repo[@rev]")
+    export.add_argument("out_dir", help="the directory to write (must not exist, or be empty)")
+    imp_help = ("read a transformers `nanochat` model (a directory, or hf://org/repo[@rev] from the Hub) into the store as a "
+                "checkpoint with a content-derived key and ref import/NAME, for chat, serve, chat_eval and mid/sft/rl "
+                "(`chatforge stage STAGE --input ...`); a model with features chatforge's GPT lacks is refused")
+    imp = sub.add_parser("import", parents=[store_opt], help=imp_help, description=imp_help[0].upper() + imp_help[1:] + ".")
+    imp.add_argument("source", help="a transformers model directory, or hf://org/repo[@revision]")
+    imp.add_argument("--stage", choices=("base", "mid", "sft", "rl"), default=None,
+                     help="which checkpoint it stands in for, deciding what trains from it (mid starts from base, sft "
+                     "from mid, rl from sft); default: the stage a chatforge export recorded, else base")
+    imp.add_argument("--name", default=None, help="the ref's name, import/NAME (default: the directory name, or org--repo)")
 
     cat = sub.add_parser("catalog", help="the DuckDB catalog of the store (runs, stage_runs, artifacts, run_info, evals, skipped)")
     csub = cat.add_subparsers(dest="ccmd", required=True)
@@ -160,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return {"run": cmd_run, "stage": cmd_stage, "artifacts": cmd_artifacts, "catalog": cmd_catalog, "server": cmd_server, "worker": cmd_worker, "chat": cmd_chat, "serve": cmd_serve, "dashboard": cmd_dashboard,
-                "report": cmd_report}[args.cmd](args)
+                "report": cmd_report, "export": _interop("cmd_export"), "import": _interop("cmd_import")}[args.cmd](args)
     except KeyboardInterrupt:
         print("chatforge: interrupted", file=sys.stderr)
         return 130
@@ -175,6 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chatforge: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
             return 1
         raise
+
+
+def _interop(name: str):
+    """flows/interop.py's command `name`, imported when it runs (it pulls in torch)."""
+    def run(args) -> int:
+        from flows import interop
+
+        return getattr(interop, name)(args)
+    return run
 
 
 def _drain_prefect() -> None:
@@ -371,8 +409,12 @@ def cmd_stage(args) -> int:
     from artifacts import ledger
     from artifacts.store import Store
     from model.config import PipelineConfig
+    from tasks import inputs
+    from tasks.registry import get
 
     _check_stage(args.name)
+    given = inputs.parse(args.inputs)
+    inputs.check_names(get(args.name), given)  # before the config: a wrong name is the first thing to say
     store = Store(args.store)
     if args.run_id:
         try:
@@ -391,13 +433,17 @@ def cmd_stage(args) -> int:
         from tasks.report import MISSING_RUN
 
         raise InputError(MISSING_RUN)
+    keys = inputs.resolve(get(args.name), given, store)  # reads the store only (an hf:// reference is pulled into it)
+    for name, ref in given.items():
+        print(f"chatforge: {args.name} reads {name} from {ref}" + ("" if keys[name] == ref else f" ({keys[name][:12]})"),
+              file=sys.stderr)
     store.ensure_writable()
     ready = _prefect_api()
     from flows.pipeline import stage_flow
 
     ready()
     _quiet_user_error_tracebacks()
-    key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url)
+    key = stage_flow(stage=args.name, config=cfg, force=args.force, store=store.url, inputs=keys)
     print(f"{args.name:<10} {key}")
     return 0
 
@@ -543,7 +589,12 @@ def cmd_artifacts(args) -> int:
     if args.acmd == "push":
         from artifacts.models import push
 
-        print(push(args.ref, args.target, store, private=args.private))
+        if args.format == "transformers":
+            from flows.interop import push_transformers
+
+            print(push_transformers(store, args.ref, args.target, private=args.private))
+        else:
+            print(push(args.ref, args.target, store, private=args.private))
         return 0
     if args.acmd == "query":
         from artifacts.catalog import Catalog, query

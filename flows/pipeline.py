@@ -17,6 +17,7 @@ from model.errors import InputError
 from tasks.prefect_task import make_task
 from tasks.registry import STAGES, get
 from tasks.report import MISSING_RUN, environment
+from tasks.inputs import resolve as resolve_inputs
 from tasks.runner import lookup
 from tasks.stage import plan, upstream
 
@@ -28,11 +29,13 @@ def _run_id() -> str:
     return str(runtime.flow_run.id)
 
 
-def _start(config: PipelineConfig, store: str | None, card_of_this_run: bool) -> tuple[Store, PipelineConfig, dict[str, str], str]:
+def _start(config: PipelineConfig, store: str | None, card_of_this_run: bool,
+           given: dict[str, str] | None = None) -> tuple[Store, PipelineConfig, dict[str, str], str]:
     """Record the run (config, origin, environment) and plan its keys. The report stage's key holds the run its
     card describes: this run (`card_of_this_run`, the pipeline), else the one the config names (a single-stage
     rerun of an earlier run's card). The config is copied, never changed in place: it is the flow's parameter.
-    A stage run that a pipeline run handed over (execution.pools) writes its ledger rows under that run."""
+    A stage run that a pipeline run handed over (execution.pools) writes its ledger rows under that run.
+    `given`: stage -> key of artifacts that stand in for the planned ones (a stage run's `inputs`)."""
     st = Store(store)
     st.ensure_writable()
     config = config.model_copy(deep=True)
@@ -40,7 +43,7 @@ def _start(config: PipelineConfig, store: str | None, card_of_this_run: bool) ->
     ui.tag_flow_run(ui.run_tags(config, env["gpus"]))
     run_id = None if card_of_this_run else _handed_over_by(st)
     if run_id is not None:
-        return st, config, plan(STAGES, config), run_id  # the pipeline recorded the run
+        return st, config, plan(STAGES, config, given), run_id  # the pipeline recorded the run
     run_id = _run_id()
     if card_of_this_run:
         config.report.run_id = run_id
@@ -49,7 +52,7 @@ def _start(config: PipelineConfig, store: str | None, card_of_this_run: bool) ->
         "host": socket.gethostname(), "config": config.model_dump(mode="json"),
         "flow_run_name": runtime.flow_run.name, "env": env,
     })
-    return st, config, plan(STAGES, config), run_id
+    return st, config, plan(STAGES, config, given), run_id
 
 
 def _handed_over_by(st: Store) -> str | None:
@@ -110,8 +113,9 @@ def stage_flow(
     config: ui.Config = ui.DEFAULT_CONFIG,
     force: bool = False,
     store: str | None = "",
+    inputs: dict[str, str] = {},  # noqa: B006 - the form's default; never changed
 ) -> str:
-    """Run one stage; its inputs must already be in the store (rerun of a failed stage).
+    """Run one stage; its inputs must already be in the store (rerun of a failed stage), or be given (`inputs`).
 
     Args:
         stage: The stage to run. Its inputs must be in the store already (from a pipeline run with the same config);
@@ -121,16 +125,21 @@ def stage_flow(
         force: Recompute the stage even though the store already has its artifact.
         store: The artifact store to read the inputs from and write the result to: a path or an fsspec URL.
             Empty: $CHATFORGE_HOME, else ~/.cache/chatforge, on the machine of the run.
+        inputs: Artifacts to read instead of the ones the config plans, by input name: {"base": "import/org--repo"}
+            starts `mid` from that checkpoint. Each is a ref, a key (or unique key prefix) or hf://org/repo, and must
+            be of the kind the input's stage makes. The stage's key then derives from the artifacts it reads. Empty:
+            every input as the config plans it.
     """
     s = get(stage)
     if s.section == "report" and not config.report.run_id:  # refused before anything is recorded
         raise InputError(MISSING_RUN)
-    st, config, keys, run_id = _start(config, store, card_of_this_run=False)
+    given = resolve_inputs(s, dict(inputs or {}), Store(store)) if inputs else {}  # checked before anything is recorded
+    st, config, keys, run_id = _start(config, store, card_of_this_run=False, given=given)
     for name in s.inputs:
         if st.manifest(keys[name]) is None:
             raise ArtifactMissing(
                 f"input {name!r} of stage {stage!r} (key {keys[name][:12]}) is not in {st.url}: "
-                f"run `chatforge run --until {name}` with the same config first"
+                f"run `chatforge run --until {name}` with the same config first, or give one with --input {name}=REF"
             )
     TASKS[stage](config, keys, run_id, st.url, force=force)
     return keys[stage]

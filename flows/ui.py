@@ -92,19 +92,26 @@ def pipeline_run_name() -> str:
 
 
 def stage_run_name() -> str:
-    """`tiny: base 3fa2c1b0e9d2`: the preset, the stage and the key it makes (the artifact this run is about)."""
+    """`tiny: base 3fa2c1b0e9d2`: the preset, the stage and the key it makes (the artifact this run is about); with
+    given inputs (keys, as `chatforge stage --input` passes them) `tiny: mid 3fa2c1b0e9d2 from base=9c1e4b2a7d0f`."""
     from prefect import runtime
 
     params = runtime.flow_run.parameters or {}
     cfg, stage = _config_of(params), params.get("stage", "?")
+    given = params.get("inputs") if isinstance(params.get("inputs"), dict) else {}
     key = ""
-    if cfg is not None and stage in STAGE_NAMES:
+    if cfg is not None and stage in STAGE_NAMES and all(_is_key(v) for v in given.values()):
         try:
-            key = " " + plan(STAGES, cfg)[stage][:12]
+            key = " " + plan(STAGES, cfg, given)[stage][:12]
         except Exception:  # noqa: BLE001 - a name is no reason to fail a run; the run itself will say what is wrong
             key = ""
+    source = (" from " + ", ".join(f"{n}={r[:12] if _is_key(r) else r}" for n, r in sorted(given.items()))) if given else ""
     forced = " (forced)" if params.get("force") else ""
-    return f"{cfg.preset if cfg else '?'}: {stage}{key}{forced}"
+    return f"{cfg.preset if cfg else '?'}: {stage}{key}{source}{forced}"
+
+
+def _is_key(ref) -> bool:
+    return isinstance(ref, str) and len(ref) == 64 and all(c in "0123456789abcdef" for c in ref)
 
 
 def run_tags(cfg: PipelineConfig, gpus: list[str]) -> list[str]:

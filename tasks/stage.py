@@ -1,6 +1,7 @@
 """What a stage is, to the orchestrator, and how the DAG's keys are planned before anything runs."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,11 +49,15 @@ class StageDef:
         return artifact_key(self.name, config, input_keys, code_fingerprint(self.code))
 
 
-def plan(stages: list[StageDef], cfg: PipelineConfig) -> dict[str, str]:
-    """Keys of every stage, in order, from the config alone (no store access)."""
+def plan(stages: list[StageDef], cfg: PipelineConfig, given: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Keys of every stage, in order, from the config alone (no store access). `given` (stage name -> key) puts an
+    artifact in place of the one a stage would make (`chatforge stage mid --input base=REF`, tasks/inputs.py): that
+    stage's key is the given one, and every key after it derives from it, so that a stage's key, and the parents in
+    its manifest, name the artifacts it actually reads."""
+    given = given or {}
     keys: dict[str, str] = {}
     for st in stages:
-        keys[st.name] = st.key(cfg, {i: keys[i] for i in st.inputs})
+        keys[st.name] = given[st.name] if st.name in given else st.key(cfg, {i: keys[i] for i in st.inputs})
     return keys
 
 

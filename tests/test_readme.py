@@ -607,6 +607,62 @@ def check_dashboard(r: Readme, command: str, monkeypatch) -> None:
     assert rc in (0, 130), log.read_text()[-2000:]
 
 
+EXPORT = "chatforge export sft/latest my-model"
+
+
+def _exported(r: Readme, command: str = EXPORT) -> tuple[Path, subprocess.CompletedProcess | None]:
+    """The directory the README's export writes (run once, in a scratch directory: its paths are relative)."""
+    work = r.tmp / "hf-work"
+    if not (work / "my-model").is_dir():
+        work.mkdir(exist_ok=True)
+        out = subprocess.run(["bash", "-c", command], cwd=work, env=r.env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{command!r} exited {out.returncode}:\n{out.stderr[-3000:]}"
+        return work, out
+    return work, None
+
+
+def check_export(r: Readme, command: str, monkeypatch) -> None:
+    """The sft checkpoint as a transformers nanochat model: the files, its key in config.json, a card from its lineage."""
+    work, out = _exported(r, command)
+    model = work / "my-model"
+    assert out is not None and f"wrote {model}" in out.stdout, out and out.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "generation_config.json", "README.md"} <= {p.name for p in model.iterdir()}
+    config = json.loads((model / "config.json").read_text())
+    assert config["model_type"] == "nanochat" and config["chatforge"]["key"] == r.key("sft")
+    card = (model / "README.md").read_text()
+    assert "library_name: transformers" in card and r.key("sft") in card and "## Evaluation" in card
+
+
+def check_hf_pipeline(r: Readme, command: str, monkeypatch) -> None:
+    """transformers' own pipeline, with the exported chat template, answers (in the export's directory)."""
+    work, _ = _exported(r)
+    out = subprocess.run(["bash", "-c", command], cwd=work, env=r.env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
+
+
+def check_import(r: Readme, command: str, monkeypatch) -> None:
+    """The export read back into (a copy of) the store: ref import/mine, the sft checkpoint's exact weights."""
+    work, _ = _exported(r)
+    store, env = r.copy("hf-import")
+    out = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ref import/mine" in out.stdout, out.stderr[-3000:]
+    key = json.loads((store / "refs" / "import" / "mine.json").read_text())["key"]
+    sft = store / "artifacts" / r.key("sft") / "model.safetensors"
+    assert (store / "artifacts" / key / "model.safetensors").read_bytes() == sft.read_bytes()
+
+
+def check_push_transformers(r: Readme, command: str, monkeypatch) -> None:
+    """In-process on a fake Hub: the exported model (not the store's files) lands in me/my-nanochat, card included."""
+    hub = fake_hub(r.tmp / "hub-transformers", monkeypatch)
+    monkeypatch.setenv("CHATFORGE_HOME", str(r.store))
+    rc, out = in_process(command, monkeypatch)
+    assert rc == 0 and out.strip() == "hub://me/my-nanochat/commit/1"
+    repo = hub / "me" / "my-nanochat"
+    assert json.loads((repo / "config.json").read_text())["model_type"] == "nanochat"
+    assert "me/my-nanochat" in (repo / "README.md").read_text() and not (repo / "manifest.json").exists()
+
+
 # README command (exactly as README.md writes it, comments stripped) -> its check (the docstring says how).
 COMMANDS: dict[str, Callable] = {
     SETUP: check_setup,
@@ -617,6 +673,10 @@ COMMANDS: dict[str, Callable] = {
     PUSH: check_push,
     "chatforge chat --model hf://me/my-model": check_chat_hub,
     "chatforge serve": check_serve,
+    EXPORT: check_export,
+    """python -c "from transformers import pipeline; chat = pipeline('text-generation', model='my-model'); print(chat([{'role': 'user', 'content': 'What is 12 times 7?'}], max_new_tokens=32)[0]['generated_text'][-1]['content'])\"""": check_hf_pipeline,
+    "chatforge import my-model --name mine": check_import,
+    "chatforge artifacts push sft/latest hf://me/my-nanochat --format transformers": check_push_transformers,
     "chatforge dashboard": check_dashboard,
     "CHATFORGE_EVAL_DIR=../shared/data/eval chatforge run --preset tiny": check_core_run,
     "chatforge artifacts show base_eval/latest": check_show_base_eval,

@@ -242,6 +242,9 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
+        # rows past the vocabulary are never read (no token has their id) and never get a gradient: zero, they
+        # stay zero, so a checkpoint does not depend on how its vocabulary was padded (model/hf/mapping.py)
+        nn.init.zeros_(self.embed.weight[self.config.vocab_size:])
         for block in self.blocks:
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)

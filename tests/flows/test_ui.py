@@ -63,6 +63,13 @@ def test_the_stage_form_offers_the_real_stage_names():
     assert null_defaults(s) == []
     validate({"stage": "tokenizer"}, s, raise_on_error=True)
     assert isinstance(stage_flow.validate_parameters({"stage": "tokenizer"})["config"], PipelineConfig)
+    # inputs given by name (`chatforge stage mid --input base=REF`): an empty mapping unless filled in
+    assert props["inputs"]["default"] == {} and props["inputs"]["additionalProperties"] == {"type": "string"}
+    assert "instead of the ones the config plans" in props["inputs"]["description"]
+    validate({"stage": "mid", "inputs": {"base": "base/hf--org--repo"}}, s, raise_on_error=True)
+    assert stage_flow.validate_parameters({"stage": "mid"})["inputs"] == {}
+    with pytest.raises(Exception, match="inputs"):
+        validate({"stage": "mid", "inputs": {"base": 3}}, s, raise_on_error=True)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

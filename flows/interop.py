@@ -1,0 +1,151 @@
+"""`chatforge export`, `chatforge import` and `artifacts push --format transformers`: checkpoints in and out of
+the store as transformers `nanochat` models (the conversion itself is model/hf/; this is the store side).
+
+An import is committed like any artifact (staged, hashed, manifest last) under a content-derived key: the
+sha256 over the checkpoint files it produces, so importing the same model twice, from a directory or the Hub, or
+importing our own export, gives one key. Its provenance (source, revision, source file hashes, the chatforge key
+it was exported from, notes on what was adapted) is the manifest's config; it is refused before anything is
+written when the model is not one our GPT can run.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from artifacts.errors import StoreError
+from artifacts.keys import artifact_key, code_fingerprint, file_sha256
+from artifacts.manifest import Manifest
+from artifacts.models import parse_hf, pull, upload
+from artifacts.store import Store
+from model.errors import InputError
+
+IMPORT_CODE = ("model.hf.importer", "model.hf.mapping", "model.hf.template")
+# what a transformers model repo needs of the Hub (weights, config, tokenizer); never pickles
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "generation_config.json"]
+
+
+def export_checkpoint(store: Store, ref: str, out_dir: Path, repo_name: str | None = None) -> dict:
+    """Export the checkpoint `ref` names (a ref, key, or hf:// artifact) into `out_dir` with its model card."""
+    from artifacts.model_card import model_card
+    from model.hf.export import export
+    from tasks.runner import code_version
+
+    key = pull(ref, store)
+    m = store.get(key)
+    if m.kind != "checkpoint":
+        raise InputError(f"{ref} is a {m.kind} artifact ({m.stage}), not a checkpoint: export a model, e.g. sft/latest")
+    card = model_card(store, key, repo_name=repo_name)
+    return export(store.local_path(key), out_dir, card, provenance={"key": key, "version": code_version()})
+
+
+def cmd_export(args) -> int:
+    store = Store(args.store)
+    info = export_checkpoint(store, args.ref, Path(args.out_dir))
+    kind = "chat model" if info["chat"] else "base model"
+    print(f"chatforge export: wrote {info['dir']} ({info['stage']} checkpoint, {kind}, {info['parameters']:,} parameters): "
+          f"{', '.join(info['files'])}")
+    print(f"load it: AutoModelForCausalLM.from_pretrained({info['dir']!r}) and AutoTokenizer.from_pretrained(...)")
+    return 0
+
+
+def push_transformers(store: Store, ref: str, target: str, private: bool = False) -> str:
+    hf = parse_hf(target)
+    if hf is None:
+        raise StoreError(f"push target {target!r} must look like hf://org/repo")
+    with tempfile.TemporaryDirectory(dir=_scratch(store)) as tmp:
+        info = export_checkpoint(store, ref, Path(tmp) / "model", repo_name=hf[0])
+        return upload(Path(info["dir"]), target, f"chatforge export of {ref}", private)
+
+
+def import_model(store: Store, source: str, stage: str | None = None, name: str | None = None, log=print) -> tuple[str, str]:
+    """Import a transformers nanochat model (a directory or hf://org/repo[@rev]) as a checkpoint; (key, ref)."""
+    from model.hf.importer import to_checkpoint
+
+    ref = f"import/{name or _ref_name(source)}"
+    if not re.fullmatch(r"import/[\w.-]+", ref):
+        raise InputError(f"bad --name {name!r}: use letters, digits, '-', '_' and '.' only")
+    model_dir, origin = _fetch(store, source)
+    with tempfile.TemporaryDirectory(dir=_scratch(store)) as tmp:
+        out = Path(tmp) / "checkpoint"
+        found = to_checkpoint(model_dir, out, stage)
+        files = {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+        key = artifact_key("import", {"files": files}, {}, "")
+        for note in found["notes"]:
+            log(f"chatforge import: note: {note}")
+        source_files = {p.name: file_sha256(p) for p in sorted(model_dir.iterdir()) if p.is_file()}
+        config = {**origin, "source_files": source_files, "as_stage": found["stage"], "step": found["step"],
+                  "exported_from": found["exported_from"], "notes": found["notes"]}
+        with store.lock(key):
+            if store.manifest(key) is None:  # the same content imported before keeps its first provenance
+                _commit(store, key, out, files, config, found)
+    store.set_ref(ref, key)
+    return key, ref
+
+
+def _commit(store: Store, key: str, out: Path, files: dict, config: dict, found: dict) -> None:
+    from tasks.runner import code_version
+
+    with store.staging(key) as staging:
+        for rel in files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(out / rel, staging / rel)
+        store.commit(staging, Manifest(
+            key=key, kind="checkpoint", stage="import", config=config, parents={},
+            code={"fingerprint": code_fingerprint(IMPORT_CODE), "version": code_version()},
+            metrics={"parameters": _parameters(found["model"]), "as_stage": found["stage"]}))
+
+
+def cmd_import(args) -> int:
+    store = Store(args.store)
+    key, ref = import_model(store, args.source, stage=args.stage, name=args.name, log=lambda s: print(s, file=sys.stderr))
+    m = store.get(key)
+    print(f"chatforge import: {args.source} → {key[:12]} ({m.config['as_stage']} checkpoint, "
+          f"{m.metrics['parameters']:,} parameters), ref {ref}")
+    stage = m.config["as_stage"]
+    nxt = {"base": "mid", "mid": "sft", "sft": "rl"}.get(stage)
+    print(f"next: chatforge chat --model {ref}  ·  chatforge stage chat_eval_{stage} --input {stage}={ref}"
+          + (f"  ·  chatforge stage {nxt} --input {stage}={ref}" if nxt else ""))
+    return 0
+
+
+def _fetch(store: Store, source: str) -> tuple[Path, dict]:
+    """A local model directory for `source` and the provenance of where it came from."""
+    hf = parse_hf(source)
+    if hf is None:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise InputError(f"{source} does not exist: pass a transformers model directory or hf://org/repo[@rev]")
+        return path.resolve(), {"source": str(path.resolve())}
+    repo, rev = hf
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        snap = Path(huggingface_hub.snapshot_download(repo, revision=rev, cache_dir=store.local_root / "hub",
+                                                      allow_patterns=HUB_FILES))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise StoreError(f"could not download {source} ({type(e).__name__}): check the repo name, HF_TOKEN for private "
+                         "repos, and network access") from None
+    return snap, {"source": source, "repo": repo, "revision": rev or "main", "commit": snap.name}
+
+
+def _ref_name(source: str) -> str:
+    hf = parse_hf(source)
+    raw = hf[0].replace("/", "--") if hf else Path(source).expanduser().resolve().name
+    return re.sub(r"[^\w.-]+", "-", raw).strip("-.") or "model"
+
+
+def _parameters(model: dict) -> int:
+    d, v, L = model["n_embd"], model["vocab_size"], model["n_layer"]
+    kv = model["n_kv_head"] * (d // model["n_head"])
+    return 2 * v * d + L * (2 * d * d + 2 * d * kv + 8 * d * d)
+
+
+def _scratch(store: Store) -> Path:
+    path = store.local_root / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
