@@ -239,7 +239,8 @@ def render_card(facts: dict, repo_name: str | None = None) -> str:
                 "output = model.generate(**inputs, max_new_tokens=128)",
                 'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
     else:
-        out += ['inputs = tokenizer("The capital of France is", return_tensors="pt")',
+        out += ["# documents began with <|bos|> in pretraining; the tokenizer adds nothing by itself",
+                'inputs = tokenizer("<|bos|>The capital of France is", return_tensors="pt")',
                 "output = model.generate(**inputs, max_new_tokens=32)", "print(tokenizer.decode(output[0], skip_special_tokens=True))"]
     return "\n".join(out + ["```", ""])
 

@@ -256,3 +256,29 @@ def script_logits(monkeypatch, model, chain: dict[int, int]) -> None:
         return logits
 
     monkeypatch.setattr(model, "forward_cached", scripted)
+
+
+HF_TEXT = ("The quick brown fox jumps over the lazy dog. What is 12 times 7? It is 84. " * 4
+           + "Paris is the capital of France; Berlin is the capital of Germany.")
+
+
+def write_checkpoint(root: Path, stage: str = "sft", vocab: int = 300, n_kv_head: int = 2) -> Path:
+    """A checkpoint artifact dir of a random 2-layer GPT (GQA, vocabulary not a multiple of 64) whose padded head
+    rows are zero, as training leaves them."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from model.data.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, token_byte_lengths
+    from model.train.common import commit
+
+    tok = small_bpe(HF_TEXT, vocab)
+    tok_dir = root / "tok"
+    tok_dir.mkdir(parents=True)
+    tok._hf.save(str(tok_dir / TOKENIZER_FILE))
+    save_file({"token_bytes": token_byte_lengths(tok._hf)}, str(tok_dir / TOKEN_BYTES_FILE))
+    model = opinionated_gpt(tok.vocab_size, 96, n_kv_head=n_kv_head)
+    with torch.no_grad():
+        model.lm_head.weight[tok.vocab_size:] = 0
+    out = root / "ckpt"
+    commit(out, model, model.config.to_dict(), stage, 7, tok_dir)
+    return out

@@ -164,7 +164,7 @@ def test_card_of_a_base_model_with_one_licence(tmp_path):
     assert meta["license"] == "odc-by" and meta["datasets"] == ["karpathy/fineweb-edu-100b-shuffle"]
     assert "a base model (pretrained only)" in text and "| base | 50 | 26,214,400 | 2 m 00 s | H100 | $0.10 |" in text
     assert "Pretraining text (size unknown):" in text and "No evaluation of this model is in the store." in text
-    assert "apply_chat_template" not in text and 'tokenizer("The capital of France is"' in text
+    assert "apply_chat_template" not in text and 'tokenizer("<|bos|>The capital of France is"' in text
     assert 'from_pretrained("PATH_TO_THIS_FOLDER")' in text
 
 

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from artifacts.store import Store
 from flows.cli import main
-from helpers import fake_hub
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model" / "hf"))
-from test_export import write_checkpoint  # noqa: E402  (the model-level tests' checkpoint)
+from helpers import fake_hub, write_checkpoint
 
 pytest.importorskip("transformers")
 

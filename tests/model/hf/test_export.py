@@ -9,40 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import opinionated_gpt, small_bpe
+from helpers import HF_TEXT, opinionated_gpt, small_bpe, write_checkpoint
 from model.chat.conversation import render_for_completion
 from model.chat.engine import Engine
-from model.data.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, token_byte_lengths
+from model.data.tokenizer import TOKENIZER_FILE
 from model.hf import mapping
 from model.hf.export import export
 from model.hf.importer import to_checkpoint
 from model.nn.gpt import SOFTCAP
 from model.nn.load import load_model
-from model.train.common import commit
 
 transformers = pytest.importorskip("transformers")
-
-TEXT = ("The quick brown fox jumps over the lazy dog. What is 12 times 7? It is 84. " * 4
-        + "Paris is the capital of France; Berlin is the capital of Germany.")
-
-
-def write_checkpoint(root: Path, stage: str = "sft", vocab: int = 300, n_kv_head: int = 2) -> Path:
-    """A checkpoint artifact dir of a random 2-layer GPT (GQA, vocabulary not a multiple of 64) whose padded head
-    rows are zero, as training leaves them."""
-    tok = small_bpe(TEXT, vocab)
-    tok_dir = root / "tok"
-    tok_dir.mkdir(parents=True)
-    tok._hf.save(str(tok_dir / TOKENIZER_FILE))
-    from safetensors.numpy import save_file
-
-    save_file({"token_bytes": token_byte_lengths(tok._hf)}, str(tok_dir / TOKEN_BYTES_FILE))
-    model = opinionated_gpt(tok.vocab_size, 96, n_kv_head=n_kv_head)
-    with torch.no_grad():
-        model.lm_head.weight[tok.vocab_size:] = 0
-    out = root / "ckpt"
-    commit(out, model, model.config.to_dict(), stage, 7, tok_dir)
-    return out
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -152,7 +129,7 @@ def test_padded_rows_stay_zero_in_training():
 
 
 def test_a_random_init_transformers_model_imports_exactly(tmp_path):
-    tok = small_bpe(TEXT, 300)
+    tok = small_bpe(HF_TEXT, 300)
     config = transformers.NanoChatConfig(
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=mapping.OUR_EPS,
@@ -193,3 +170,16 @@ def test_another_norm_epsilon_is_a_note_and_a_large_one_a_refusal():
     assert ours["vocab_size"] == 300 and len(notes) == 2 and "rms_norm_eps 1e-06" in notes[0] and "300..319" in notes[1]
     with pytest.raises(Exception, match=r"rope_theta 500000.0 .*; rms_norm_eps 0.0001 "):
         mapping.our_config({**config, "rms_norm_eps": 1e-4, "rope_parameters": {"rope_theta": 5e5}}, 300)
+
+
+def test_a_base_model_has_no_chat_template_and_ends_at_bos(tmp_path):
+    ckpt = write_checkpoint(tmp_path, stage="base")
+    export(ckpt, tmp_path / "hf", card="# base\n")
+    assert not (tmp_path / "hf" / "chat_template.jinja").exists()
+    tok = load_model(ckpt)[1]
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == tok.bos_id
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs("<|bos|>The quick").input_ids == [tok.bos_id] + tok.encode("The quick")  # the card's base usage
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), dtype=torch.float32)
+    text = pipe("The quick brown", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The quick brown") and len(text) > len("The quick brown")
