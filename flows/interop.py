@@ -2,8 +2,9 @@
 the store as transformers `nanochat` models (the conversion itself is model/hf/; this is the store side).
 
 An import is committed like any artifact (staged, hashed, manifest last) under a content-derived key: the
-sha256 over the checkpoint files it produces, so importing the same model twice, from a directory or the Hub, or
-importing our own export, gives one key. Its provenance (source, revision, source file hashes, the chatforge key
+sha256 over the checkpoint files it produces, so importing the same model twice, from a directory or the Hub,
+gives one key. Our own export coming back into a store that holds the checkpoint it was made from (config.json
+records that key) with the same files is that checkpoint: the import names it and adds nothing. Its provenance (source, revision, source file hashes, the chatforge key
 it was exported from, notes on what was adapted) is the manifest's config; it is refused before anything is
 written when the model is not one our GPT can run.
 """
@@ -61,8 +62,10 @@ def push_transformers(store: Store, ref: str, target: str, private: bool = False
         return upload(Path(info["dir"]), target, f"chatforge export of {ref}", private)
 
 
-def import_model(store: Store, source: str, stage: str | None = None, name: str | None = None, log=print) -> tuple[str, str]:
-    """Import a transformers nanochat model (a directory or hf://org/repo[@rev]) as a checkpoint; (key, ref)."""
+def import_model(store: Store, source: str, stage: str | None = None, name: str | None = None,
+                 log=print) -> tuple[str, str, dict]:
+    """Import a transformers nanochat model (a directory or hf://org/repo[@rev]) as a checkpoint; (key, ref, what the
+    conversion found: stage, step, model config, notes)."""
     from model.hf.importer import to_checkpoint
 
     ref = f"import/{name or _ref_name(source)}"
@@ -73,9 +76,14 @@ def import_model(store: Store, source: str, stage: str | None = None, name: str 
         out = Path(tmp) / "checkpoint"
         found = to_checkpoint(model_dir, out, stage)
         files = {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
-        key = artifact_key("import", {"files": files}, {}, "")
         for note in found["notes"]:
             log(f"chatforge import: note: {note}")
+        original = _original(store, found["exported_from"], files)
+        if original is not None:  # our own export coming back: it is that artifact, lineage and all
+            log(f"chatforge import: identical to the checkpoint it was exported from, {original[:12]}: nothing to add")
+            store.set_ref(ref, original)
+            return original, ref, found
+        key = artifact_key("import", {"files": files}, {}, "")
         source_files = {p.name: file_sha256(p) for p in sorted(model_dir.iterdir()) if p.is_file()}
         config = {**origin, "source_files": source_files, "as_stage": found["stage"], "step": found["step"],
                   "exported_from": found["exported_from"], "notes": found["notes"]}
@@ -83,7 +91,21 @@ def import_model(store: Store, source: str, stage: str | None = None, name: str 
             if store.manifest(key) is None:  # the same content imported before keeps its first provenance
                 _commit(store, key, out, files, config, found)
     store.set_ref(ref, key)
-    return key, ref
+    return key, ref, found
+
+
+def _original(store: Store, key: str | None, files: dict[str, str]) -> str | None:
+    """`key` (the artifact a chatforge export came from) when this store holds it with exactly these checkpoint files."""
+    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
+        return None
+    try:
+        m = store.manifest(key)
+    except StoreError:  # a damaged original: the import stands on its own
+        return None
+    if m is None or m.kind != "checkpoint":
+        return None
+    same = all(m.files.get(rel, {}).get("sha256") == sha for rel, sha in files.items())
+    return key if same else None
 
 
 def _commit(store: Store, key: str, out: Path, files: dict, config: dict, found: dict) -> None:
@@ -101,11 +123,11 @@ def _commit(store: Store, key: str, out: Path, files: dict, config: dict, found:
 
 def cmd_import(args) -> int:
     store = Store(args.store)
-    key, ref = import_model(store, args.source, stage=args.stage, name=args.name, log=lambda s: print(s, file=sys.stderr))
-    m = store.get(key)
-    print(f"chatforge import: {args.source} → {key[:12]} ({m.config['as_stage']} checkpoint, "
-          f"{m.metrics['parameters']:,} parameters), ref {ref}")
-    stage = m.config["as_stage"]
+    key, ref, found = import_model(store, args.source, stage=args.stage, name=args.name,
+                                   log=lambda s: print(s, file=sys.stderr))
+    stage = found["stage"]
+    print(f"chatforge import: {args.source} → {key[:12]} ({stage} checkpoint, {_parameters(found['model']):,} "
+          f"parameters), ref {ref}")
     nxt = {"base": "mid", "mid": "sft", "sft": "rl"}.get(stage)
     print(f"next: chatforge chat --model {ref}  ·  chatforge stage chat_eval_{stage} --input {stage}={ref}"
           + (f"  ·  chatforge stage {nxt} --input {stage}={ref}" if nxt else ""))

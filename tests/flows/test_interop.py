@@ -56,7 +56,28 @@ def test_import_export_import_is_one_key_with_the_same_bytes(model_dir, tmp_path
     assert "nanochat" in card
     rc, out, err = run(capsys, "import", tmp_path / "again", "--store", store, "--name", "second")
     assert rc == 0, err
-    assert st.resolve("import/second") == key and len(st.keys()) == 1  # same content, same key, one artifact
+    assert st.resolve("import/second") == key and len(st.keys()) == 1  # its own export: the same artifact
+    assert f"identical to the checkpoint it was exported from, {key[:12]}" in err
+
+
+def test_our_export_comes_back_as_the_checkpoint_it_was_made_from(model_dir, tmp_path, capsys):
+    """A store holding the original (here: the artifact an import made) recognises its export by the key in config.json
+    and the file hashes; elsewhere, or with an origin the store lacks, the key is content-derived: the same bytes."""
+    ckpt, hf = model_dir
+    store = tmp_path / "store"
+    assert run(capsys, "import", hf, "--store", store)[0] == 0
+    st = Store(str(store))
+    key = st.resolve("import/my-model")
+    assert run(capsys, "export", key[:12], tmp_path / "out", "--store", store)[0] == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["chatforge"]["key"] == key
+    other = tmp_path / "other"
+    assert run(capsys, "import", tmp_path / "out", "--store", other)[0] == 0
+    assert Store(str(other)).resolve("import/out") == key  # content-derived: the same bytes, the same key
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config["chatforge"]["key"] = "0" * 64  # an origin this store does not hold
+    changed = _broken(tmp_path / "out", tmp_path / "changed", lambda d: (d / "config.json").write_text(json.dumps(config)))
+    rc, out, err = run(capsys, "import", changed, "--store", store)
+    assert rc == 0 and st.resolve("import/changed") == key  # an unknown origin: still content-derived, same bytes
 
 
 def test_an_imported_model_chats(model_dir, tmp_path, capsys):
@@ -147,3 +168,19 @@ def test_push_as_transformers_and_import_from_the_hub(model_dir, tmp_path, capsy
     assert other.get(other.resolve("import/me--nano")).config["repo"] == "me/nano"
     rc, out, err = run(capsys, "import", "hf://me/missing", "--store", tmp_path / "other")
     assert rc == 1 and "could not download hf://me/missing" in err
+
+
+def test_a_trained_checkpoint_exported_and_imported_is_itself(model_dir, tmp_path, capsys):
+    from artifacts.manifest import Manifest
+
+    ckpt, _ = model_dir
+    st = Store(str(tmp_path / "store"))
+    key = "ab" * 32  # a stage's input-derived key, not a hash of the files
+    with st.staging(key) as tmp:
+        shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+        (tmp / "curve.json").write_text("[]")  # a training artifact holds more than the checkpoint files
+        st.commit(tmp, Manifest(key=key, kind="checkpoint", stage="sft", config={}, parents={}, code={}))
+    st.set_ref("sft/latest", key)
+    assert run(capsys, "export", "sft/latest", tmp_path / "out", "--store", st.url)[0] == 0
+    rc, out, err = run(capsys, "import", tmp_path / "out", "--store", st.url)
+    assert rc == 0 and st.resolve("import/out") == key and st.keys() == [key]
