@@ -82,6 +82,9 @@ def pull(ref: str, store: Store) -> str:
     try:
         m = Manifest.from_dict(json.loads((snap / "manifest.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
+        if (snap / "config.json").is_file():
+            raise StoreError(f"{ref} is a transformers model, not a chatforge artifact: `chatforge import {ref}` reads a "
+                             "nanochat one into the store") from None
         raise StoreError(f"{ref} is not a chatforge artifact (no valid manifest.json): push one with `chatforge artifacts push`") from None
     for rel, info in m.files.items():
         path = snap / rel

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import fake_hub, write_checkpoint
 
 from artifacts.store import Store
 from flows.cli import main
-from helpers import fake_hub, write_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -46,7 +46,7 @@ def test_import_export_import_is_one_key_with_the_same_bytes(model_dir, tmp_path
     m = st.get(key)
     assert (m.kind, m.stage, m.config["as_stage"], m.config["source"]) == ("checkpoint", "import", "sft", str(hf.resolve()))
     assert m.config["source_files"]["model.safetensors"] and m.parents == {}
-    assert f"ref import/my-model" in out and "chatforge stage rl --input sft=import/my-model" in out
+    assert "ref import/my-model" in out and "chatforge stage rl --input sft=import/my-model" in out
     assert (st.local_path(key) / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
 
     rc, out, err = run(capsys, "export", "import/my-model", tmp_path / "again", "--store", store)
@@ -168,6 +168,8 @@ def test_push_as_transformers_and_import_from_the_hub(model_dir, tmp_path, capsy
     assert other.get(other.resolve("import/me--nano")).config["repo"] == "me/nano"
     rc, out, err = run(capsys, "import", "hf://me/missing", "--store", tmp_path / "other")
     assert rc == 1 and "could not download hf://me/missing" in err
+    rc, out, err = run(capsys, "chat", "--model", "hf://me/nano", "-p", "hi", "--store", tmp_path / "third")
+    assert rc == 1 and "hf://me/nano is a transformers model, not a chatforge artifact: `chatforge import" in err
 
 
 def test_a_trained_checkpoint_exported_and_imported_is_itself(model_dir, tmp_path, capsys):
