@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -282,3 +283,19 @@ def write_checkpoint(root: Path, stage: str = "sft", vocab: int = 300, n_kv_head
     out = root / "ckpt"
     commit(out, model, model.config.to_dict(), stage, 7, tok_dir)
     return out
+
+
+class RetryingClient(httpx.Client):
+    """A server on a loaded machine can answer 503 (its SQLite database busy) for a moment: ask again."""
+
+    def request(self, *args, **kwargs) -> httpx.Response:
+        deadline = time.time() + 60
+        while True:
+            try:
+                r = super().request(*args, **kwargs)
+                if r.status_code != 503 or time.time() > deadline:
+                    return r
+            except httpx.TransportError:
+                if time.time() > deadline:
+                    raise
+            time.sleep(0.5)

@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from helpers import cli_env, free_port, sets_for, write_corpus
+from helpers import RetryingClient, cli_env, free_port, sets_for, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -49,26 +48,10 @@ def _wait(fn, timeout: float, what: str, every: float = 0.3):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-class _Retrying(httpx.Client):
-    """A server on a loaded machine can answer 503 (its SQLite database busy) for a moment: ask again."""
-
-    def request(self, *args, **kwargs) -> httpx.Response:
-        deadline = time.time() + 60
-        while True:
-            try:
-                r = super().request(*args, **kwargs)
-                if r.status_code != 503 or time.time() > deadline:
-                    return r
-            except httpx.TransportError:
-                if time.time() > deadline:
-                    raise
-            time.sleep(0.5)
-
-
 class Cluster:
     def __init__(self, api: str, root: Path, env: dict):
         self.api, self.root, self.env = api, root, env
-        self.http = _Retrying(base_url=api, timeout=10)
+        self.http = RetryingClient(base_url=api, timeout=10)
         self.workers: dict[str, subprocess.Popen] = {}
 
     def start_worker(self, pool: str) -> None:

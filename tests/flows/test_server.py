@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from helpers import free_port, sets_for, write_corpus
+from helpers import RetryingClient, free_port, sets_for, write_corpus
+
+HTTP = RetryingClient()  # the server under test answers 503 for a moment when its SQLite database is busy
 
 pytestmark = pytest.mark.slow
 
@@ -87,23 +88,23 @@ class Server:
     started_in: float
 
     def deployment(self, name: str) -> dict:
-        return httpx.get(f"{self.api}/deployments/name/{name}", timeout=10).json()
+        return HTTP.get(f"{self.api}/deployments/name/{name}", timeout=10).json()
 
     def trigger(self, name: str, parameters: dict) -> dict:
         dep = self.deployment(name)
-        r = httpx.post(f"{self.api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+        r = HTTP.post(f"{self.api}/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
         assert r.status_code == 201, r.text
         return r.json()
 
     def run(self, run_id: str) -> dict:
-        return httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=10).json()
+        return HTTP.get(f"{self.api}/flow_runs/{run_id}", timeout=10).json()
 
     def wait_final(self, run_id: str, timeout: float) -> dict:
         return _wait(lambda: (r := self.run(run_id))["state"]["type"] in FINAL and r, timeout, f"flow run {run_id}", self.log)
 
     def tasks(self, run_id: str) -> dict[str, str]:
         """stage → state name of the run's task runs (the newest attempt of each)."""
-        runs = httpx.post(f"{self.api}/task_runs/filter", timeout=10, json={
+        runs = HTTP.post(f"{self.api}/task_runs/filter", timeout=10, json={
             "flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}).json()
         return {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in runs}
 
@@ -152,7 +153,7 @@ def test_server_creates_pools_deployments_and_the_heartbeat_automation(server):
     """What `chatforge server` set up, read back from the API: process pools, one online worker each, the
     deployments of deploy/prefect.yaml with the server's --set as their defaults, one automation."""
     print(f"\nchatforge server start-up: {server.started_in:.1f} s to both workers online")
-    pools = {p["name"]: p for p in httpx.post(f"{server.api}/work_pools/filter", json={}, timeout=10).json()}
+    pools = {p["name"]: p for p in HTTP.post(f"{server.api}/work_pools/filter", json={}, timeout=10).json()}
     assert pools["chatforge-cpu"]["type"] == pools["chatforge-gpu"]["type"] == "process"
     for name, (entrypoint, pool) in {"chatforge/chatforge-pipeline": ("flows.pipeline:pipeline", "chatforge-cpu"),
                                      "chatforge-stage/chatforge-stage": ("flows.pipeline:stage_flow", "chatforge-gpu")}.items():
@@ -161,15 +162,15 @@ def test_server_creates_pools_deployments_and_the_heartbeat_automation(server):
         assert dep["pull_steps"] == [{"flows.worker.enter_checkout": {}}]
         assert dep["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
         assert dep["parameters"]["config"]["tokenizer"]["vocab_size"] == 600 and dep["parameters"]["store"] == str(server.store)
-    workers = {p: httpx.post(f"{server.api}/work_pools/{p}/workers/filter", json={}, timeout=10).json() for p in pools}
+    workers = {p: HTTP.post(f"{server.api}/work_pools/{p}/workers/filter", json={}, timeout=10).json() for p in pools}
     assert all(any(w["status"] == "ONLINE" for w in ws) for ws in workers.values()), workers
-    autos = [a for a in httpx.post(f"{server.api}/automations/filter", json={}, timeout=10).json() if a["name"].startswith("chatforge")]
+    autos = [a for a in HTTP.post(f"{server.api}/automations/filter", json={}, timeout=10).json() if a["name"].startswith("chatforge")]
     assert len(autos) == 1 and autos[0]["trigger"]["within"] == CRASH_AFTER and autos[0]["trigger"]["posture"] == "Proactive"
     assert autos[0]["actions"] == [autos[0]["actions"][0]] and autos[0]["actions"][0]["state"] == "CRASHED"
     from flows.server import install_automation
 
     assert install_automation(server.api, CRASH_AFTER) == autos[0]["id"]  # a restart updates it: still one
-    assert len([a for a in httpx.post(f"{server.api}/automations/filter", json={}, timeout=10).json() if a["name"].startswith("chatforge")]) == 1
+    assert len([a for a in HTTP.post(f"{server.api}/automations/filter", json={}, timeout=10).json() if a["name"].startswith("chatforge")]) == 1
 
 
 def test_a_run_whose_worker_dies_is_crashed_by_heartbeat_and_retry_resumes_it(server, tmp_path):
@@ -206,7 +207,7 @@ def test_a_run_whose_worker_dies_is_crashed_by_heartbeat_and_retry_resumes_it(se
     print(f"\nworker killed → run Crashed in {time.time() - killed:.1f} s (window {CRASH_AFTER} s); form: {shot}")
     assert crashed["state"]["type"] == "CRASHED" and "heartbeat" in crashed["state"]["message"], crashed["state"]
     # the UI's Retry button (prefect-ui-library's retryFlowRun)
-    r = httpx.post(f"{server.api}/flow_runs/{run['id']}/set_state", timeout=10, json={
+    r = HTTP.post(f"{server.api}/flow_runs/{run['id']}/set_state", timeout=10, json={
         "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": False})
     assert r.json()["status"] == "ACCEPT", r.text
     done = server.wait_final(run["id"], 240)
