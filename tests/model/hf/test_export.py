@@ -183,3 +183,12 @@ def test_a_base_model_has_no_chat_template_and_ends_at_bos(tmp_path):
     pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), dtype=torch.float32)
     text = pipe("The quick brown", max_new_tokens=6, do_sample=False)[0]["generated_text"]
     assert text.startswith("The quick brown") and len(text) > len("The quick brown")
+
+
+def test_the_export_needs_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, model.hf.export, model.hf.mapping; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[3])
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
