@@ -22,10 +22,12 @@ from model.errors import InputError
 from model.hf import mapping
 from model.hf.template import read_tokenizer
 from model.nn.gpt import GPTConfig
+from model.progress import progress
 from model.train.common import commit
 
 STAGES = ("base", "mid", "sft", "rl")
 INDEX = "model.safetensors.index.json"
+PROGRESS_BYTES = 256 << 20  # smaller models read in a moment: no bar
 
 
 def read_config(model_dir: Path) -> dict:
@@ -65,15 +67,20 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def read_weights(files: list[Path]) -> dict:
-    """Every tensor of the safetensors files as fp32 numpy arrays (bf16/fp16 weights are widened)."""
+    """Every tensor of the safetensors files as fp32 numpy arrays (bf16/fp16 weights are widened). A bar over the
+    bytes read for a model large enough to take a while (a d32 is gigabytes)."""
     out = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    out[name] = f.get_tensor(name).to(torch.float32).numpy()
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise InputError(f"{path} is not a readable safetensors file ({e}): re-download the model") from None
+    total = sum(p.stat().st_size for p in files)
+    with progress(total=total, unit="B", unit_scale=True, desc="import: weights read", disable=total < PROGRESS_BYTES) as bar:
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        tensor = f.get_tensor(name)
+                        bar.update(tensor.numel() * tensor.element_size())
+                        out[name] = tensor.to(torch.float32).numpy()
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise InputError(f"{path} is not a readable safetensors file ({e}): re-download the model") from None
     return out
 
 

@@ -192,3 +192,11 @@ def test_the_export_needs_neither_torch_nor_transformers():
     code = "import sys, model.hf.export, model.hf.mapping; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[3])
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_large_import_shows_its_progress(exported, tmp_path, monkeypatch, capsys):
+    from model.hf import importer
+
+    monkeypatch.setattr(importer, "PROGRESS_BYTES", 0)  # every model counts as large
+    to_checkpoint(exported[1], tmp_path / "back")
+    assert "import: weights read" in capsys.readouterr().err
