@@ -9,8 +9,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
+
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def is_key(value) -> bool:
+    """Whether `value` is written as a key is: 64 lowercase hex digits."""
+    return isinstance(value, str) and _KEY.fullmatch(value) is not None
 
 
 def canonical_json(obj) -> str:

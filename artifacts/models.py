@@ -72,13 +72,7 @@ def pull(ref: str, store: Store) -> str:
         store.local_path(key)
         return key
     repo, rev = hf
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        snap = Path(huggingface_hub.snapshot_download(repo, revision=rev, cache_dir=store.local_root / "hub"))
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise StoreError(f"could not download {ref} ({type(e).__name__}): check the repo name, HF_TOKEN for private repos, and network access") from None
+    snap = download(ref, store)
     try:
         m = Manifest.from_dict(json.loads((snap / "manifest.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
@@ -99,6 +93,21 @@ def pull(ref: str, store: Store) -> str:
                 store.commit(tmp, m)
     store.set_ref(f"{m.stage}/{repo.replace('/', '--')}", m.key)
     return m.key
+
+
+def download(ref: str, store: Store, allow_patterns: list[str] | None = None) -> Path:
+    """The local snapshot of the Hub repo `hf://org/repo[@rev]` (only `allow_patterns` of it, when given), in the
+    store's download cache; a one-line StoreError when it cannot be had."""
+    repo, rev = parse_hf(ref)
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo, revision=rev, cache_dir=store.local_root / "hub",
+                                                      allow_patterns=allow_patterns))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise StoreError(f"could not download {ref} ({type(e).__name__}): check the repo name, HF_TOKEN for private repos, "
+                         "and network access") from None
 
 
 def push(ref: str, target: str, store: Store, private: bool = False) -> str:

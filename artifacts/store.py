@@ -35,7 +35,7 @@ import fsspec
 from fsspec.registry import known_implementations
 
 from .errors import ArtifactCorrupt, ArtifactMissing, StoreError
-from .keys import file_sha256, stream_sha256
+from .keys import file_sha256, is_key, stream_sha256
 from .manifest import Manifest
 
 DEFAULT_ROOT = "~/.cache/chatforge"
@@ -609,16 +609,13 @@ def load_json(raw: bytes):
         raise Unreadable(f"{'empty file' if not raw.strip() else 'truncated or invalid JSON'} ({e})") from None
 
 
-_KEY = re.compile(r"[0-9a-f]{64}")
-
-
 def ref_key(raw: bytes) -> str:
     """The key a ref file names, or Unreadable."""
     doc = load_json(raw)
     if not isinstance(doc, dict):
         raise Unreadable(f"expected a JSON object with a key, got {type(doc).__name__}")
     key = doc.get("key")
-    if not isinstance(key, str) or not _KEY.fullmatch(key):
+    if not is_key(key):
         raise Unreadable(f"key: expected 64 hex digits, got {json.dumps(key)[:60]}")
     return key
 

@@ -69,12 +69,14 @@ def parser() -> argparse.ArgumentParser:
                        "the one the config plans: a ref (import/NAME, base/latest), a key or unique key prefix, or "
                        "hf://org/repo[@rev] (pulled); it must be of the kind NAME's stage makes (repeatable)")
 
+    from model.chat.conversation import CHAT_TEMPERATURE, CHAT_TOP_K
+
     chat = sub.add_parser("chat", help="chat with a checkpoint in the terminal (streaming)")
     chat.add_argument("--model", default=None, help="a ref (sft/latest, base/latest), a key, or hf://org/repo[@rev] "
                       "(default: the newest chat model in the store: rl, else sft, else mid, else base)")
     chat.add_argument("-p", "--prompt", help="ask one question, print the reply and exit")
-    chat.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
-    chat.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0 = off (default 50)")
+    chat.add_argument("--temperature", type=float, default=CHAT_TEMPERATURE, help=f"0 = greedy (default {CHAT_TEMPERATURE})")
+    chat.add_argument("--top-k", type=int, default=CHAT_TOP_K, help=f"sample from the k most likely tokens; 0 = off (default {CHAT_TOP_K})")
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
     chat.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     chat.add_argument("--store", default=None, help=STORE_HELP)

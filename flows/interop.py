@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 from artifacts.errors import StoreError
-from artifacts.keys import artifact_key, code_fingerprint, file_sha256
+from artifacts.keys import artifact_key, code_fingerprint, file_sha256, is_key
 from artifacts.manifest import Manifest
-from artifacts.models import parse_hf, pull, upload
+from artifacts.models import download, parse_hf, pull, upload
 from artifacts.store import Store
 from model.errors import InputError
 
@@ -96,7 +96,7 @@ def import_model(store: Store, source: str, stage: str | None = None, name: str 
 
 def _original(store: Store, key: str | None, files: dict[str, str]) -> str | None:
     """`key` (the artifact a chatforge export came from) when this store holds it with exactly these checkpoint files."""
-    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{64}", key):
+    if not is_key(key):
         return None
     try:
         m = store.manifest(key)
@@ -118,7 +118,7 @@ def _commit(store: Store, key: str, out: Path, files: dict, config: dict, found:
         store.commit(staging, Manifest(
             key=key, kind="checkpoint", stage="import", config=config, parents={},
             code={"fingerprint": code_fingerprint(IMPORT_CODE), "version": code_version()},
-            metrics={"parameters": _parameters(found["model"]), "as_stage": found["stage"]}))
+            metrics={"params": found["params"]}))  # the training stages' name: the model card reads it
 
 
 def cmd_import(args) -> int:
@@ -126,7 +126,7 @@ def cmd_import(args) -> int:
     key, ref, found = import_model(store, args.source, stage=args.stage, name=args.name,
                                    log=lambda s: print(s, file=sys.stderr))
     stage = found["stage"]
-    print(f"chatforge import: {args.source} → {key[:12]} ({stage} checkpoint, {_parameters(found['model']):,} "
+    print(f"chatforge import: {args.source} → {key[:12]} ({stage} checkpoint, {found['params']:,} "
           f"parameters), ref {ref}")
     nxt = {"base": "mid", "mid": "sft", "sft": "rl"}.get(stage)
     print(f"next: chatforge chat --model {ref}  ·  chatforge stage chat_eval_{stage} --input {stage}={ref}"
@@ -143,15 +143,7 @@ def _fetch(store: Store, source: str) -> tuple[Path, dict]:
             raise InputError(f"{source} does not exist: pass a transformers model directory or hf://org/repo[@rev]")
         return path.resolve(), {"source": str(path.resolve())}
     repo, rev = hf
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        snap = Path(huggingface_hub.snapshot_download(repo, revision=rev, cache_dir=store.local_root / "hub",
-                                                      allow_patterns=HUB_FILES))
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise StoreError(f"could not download {source} ({type(e).__name__}): check the repo name, HF_TOKEN for private "
-                         "repos, and network access") from None
+    snap = download(source, store, allow_patterns=HUB_FILES)
     return snap, {"source": source, "repo": repo, "revision": rev or "main", "commit": snap.name}
 
 
@@ -159,12 +151,6 @@ def _ref_name(source: str) -> str:
     hf = parse_hf(source)
     raw = hf[0].replace("/", "--") if hf else Path(source).expanduser().resolve().name
     return re.sub(r"[^\w.-]+", "-", raw).strip("-.") or "model"
-
-
-def _parameters(model: dict) -> int:
-    d, v, L = model["n_embd"], model["vocab_size"], model["n_layer"]
-    kv = model["n_kv_head"] * (d // model["n_head"])
-    return 2 * v * d + L * (2 * d * d + 2 * d * kv + 8 * d * d)
 
 
 def _scratch(store: Store) -> Path:

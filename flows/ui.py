@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from model.config import PipelineConfig, Section
+from artifacts.keys import is_key
 from tasks.registry import STAGES
 from tasks.stage import plan, upstream
 
@@ -100,18 +101,14 @@ def stage_run_name() -> str:
     cfg, stage = _config_of(params), params.get("stage", "?")
     given = params.get("inputs") if isinstance(params.get("inputs"), dict) else {}
     key = ""
-    if cfg is not None and stage in STAGE_NAMES and all(_is_key(v) for v in given.values()):
+    if cfg is not None and stage in STAGE_NAMES and all(is_key(v) for v in given.values()):
         try:
             key = " " + plan(STAGES, cfg, given)[stage][:12]
         except Exception:  # noqa: BLE001 - a name is no reason to fail a run; the run itself will say what is wrong
             key = ""
-    source = (" from " + ", ".join(f"{n}={r[:12] if _is_key(r) else r}" for n, r in sorted(given.items()))) if given else ""
+    source = (" from " + ", ".join(f"{n}={r[:12] if is_key(r) else r}" for n, r in sorted(given.items()))) if given else ""
     forced = " (forced)" if params.get("force") else ""
     return f"{cfg.preset if cfg else '?'}: {stage}{key}{source}{forced}"
-
-
-def _is_key(ref) -> bool:
-    return isinstance(ref, str) and len(ref) == 64 and all(c in "0123456789abcdef" for c in ref)
 
 
 def run_tags(cfg: PipelineConfig, gpus: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ import time
 import streamlit as st
 
 from dashboards import common, queries
+from model.chat.conversation import CHAT_TEMPERATURE, CHAT_TOP_K
 
 ctx = common.context()
 st.title("Chat")
@@ -33,8 +34,8 @@ st.query_params["model"] = key[:12]
 
 with st.sidebar:
     st.subheader("sampling")
-    temperature = st.slider("temperature", 0.0, 2.0, 0.6, 0.1, help="0 = greedy")
-    top_k = st.slider("top-k", 0, 200, 50, help="sample from the k most likely tokens; 0 = off")
+    temperature = st.slider("temperature", 0.0, 2.0, CHAT_TEMPERATURE, 0.1, help="0 = greedy")
+    top_k = st.slider("top-k", 0, 200, CHAT_TOP_K, help="sample from the k most likely tokens; 0 = off")
     max_tokens = st.number_input("max tokens", 1, 4096, 128, help="longest reply in tokens")
     seed = st.number_input("seed", 0, 2**31 - 1, 42, help="the same seed gives the same reply")
     import torch  # here, not at the top: the rest of the page (the checkpoint list, the empty states) needs no torch

@@ -25,6 +25,11 @@ from typing import Any
 
 from model.errors import InputError
 
+# What a chat samples with unless told otherwise: `chatforge chat`, the dashboard's chat page, and the
+# generation_config.json of an exported chat model.
+CHAT_TEMPERATURE = 0.6
+CHAT_TOP_K = 50
+
 _PART_TOKENS = {  # part type -> (open, close, mask)
     "text": (None, None, 1),
     "python": ("<|python_start|>", "<|python_end|>", 1),

@@ -17,13 +17,13 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from model.chat.conversation import CHAT_TEMPERATURE, CHAT_TOP_K
 from model.data.tokenizer import Tokenizer
 from model.errors import InputError
 from model.hf import mapping
-from model.hf.template import write_tokenizer_files
+from model.hf.template import read_tokenizer, write_tokenizer_files
 
-# what `chatforge chat` samples with by default: a chat model's generation_config carries the same
-CHAT_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 50}
+CHAT_SAMPLING = {"do_sample": True, "temperature": CHAT_TEMPERATURE, "top_k": CHAT_TOP_K}
 
 
 def read_checkpoint(artifact_dir: Path) -> tuple[dict, Tokenizer]:
@@ -35,7 +35,7 @@ def read_checkpoint(artifact_dir: Path) -> tuple[dict, Tokenizer]:
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{artifact_dir} is not a checkpoint artifact (no readable model.json): export a base, mid, "
                          "sft or rl checkpoint (e.g. sft/latest)") from None
-    return meta, Tokenizer.load(artifact_dir / "tokenizer")
+    return meta, read_tokenizer(artifact_dir / "tokenizer")
 
 
 def export(artifact_dir: Path, out_dir: Path, card: str, provenance: dict | None = None) -> dict:

@@ -110,5 +110,5 @@ def to_checkpoint(model_dir: Path, out_dir: Path, stage: str | None = None) -> d
         shutil.copyfile(model_dir / TOKENIZER_FILE, tok_dir / TOKENIZER_FILE)
         save_numpy({"token_bytes": byte_lengths}, str(tok_dir / TOKEN_BYTES_FILE))
         commit(out_dir, {k: torch.from_numpy(v) for k, v in weights.items()}, ours, stage, step, tok_dir)
-    return {"stage": stage, "step": step, "model": ours, "notes": notes, "exported_from": recorded.get("key"),
-            "weight_files": [p.name for p in files]}
+    return {"stage": stage, "step": step, "model": ours, "params": int(sum(w.size for w in weights.values())),
+            "notes": notes, "exported_from": recorded.get("key"), "weight_files": [p.name for p in files]}

@@ -24,7 +24,8 @@ import numpy as np
 
 from model.errors import InputError
 
-SOFTCAP = 15.0  # equals model.nn.gpt.SOFTCAP (a test pins them together; gpt.py imports torch)
+# model.nn.gpt's SOFTCAP, ROPE_BASE and VOCAB_MULTIPLE, copied because gpt.py imports torch (a test pins them)
+SOFTCAP = 15.0
 ROPE_THETA = 10_000.0
 VOCAB_MULTIPLE = 64
 OUR_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's eps=None in fp32

@@ -124,8 +124,8 @@ def write_tokenizer_files(tokenizer_dir: Path, out_dir: Path, chat: bool, model_
     """tokenizer.json (copied unchanged: it has no post-processor, so nothing adds tokens behind our back),
     tokenizer_config.json, and for a chat model chat_template.jinja. A base model gets no template: it was never
     trained on the chat format, and without one transformers says so instead of rendering a prompt it can't
-    follow. No special_tokens_map.json: transformers 5 reads the special tokens from tokenizer_config.json."""
-    read_tokenizer(Path(tokenizer_dir))  # refuse a tokenizer without our special tokens before writing anything
+    follow. No special_tokens_map.json: transformers 5 reads the special tokens from tokenizer_config.json.
+    The caller has read the tokenizer with `read_tokenizer`, which refuses one without our special tokens."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(tokenizer_dir) / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)

@@ -46,6 +46,9 @@ def test_import_export_import_is_one_key_with_the_same_bytes(model_dir, tmp_path
     m = st.get(key)
     assert (m.kind, m.stage, m.config["as_stage"], m.config["source"]) == ("checkpoint", "import", "sft", str(hf.resolve()))
     assert m.config["source_files"]["model.safetensors"] and m.parents == {}
+    from model.nn.load import load_model
+
+    assert m.metrics == {"params": load_model(st.local_path(key))[0].num_params()}  # the training stages' metric
     assert "ref import/my-model" in out and "chatforge stage rl --input sft=import/my-model" in out
     assert (st.local_path(key) / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
 
